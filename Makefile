@@ -1,0 +1,32 @@
+# Entry points. `make setup` is idempotent and every other target runs it first.
+SHELL := /bin/bash
+VENV ?= $(CURDIR)/.venv
+PY := $(VENV)/bin/python
+# DDS stays on loopback, in a domain of our own, whatever the caller's environment says.
+export ROS_AUTOMATIC_DISCOVERY_RANGE := LOCALHOST
+export ROS_LOCALHOST_ONLY := 1
+export ROS_DOMAIN_ID ?= 42
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup test test-all demo bench lint clean
+
+setup:
+	@bash scripts/setup.sh
+
+test: setup  ## fast suite (slow tests excluded)
+	$(PY) -m pytest -m "not slow" -q
+
+test-all: setup  ## everything, soak and real-data training included
+	$(PY) -m pytest -q
+
+demo: setup  ## the main job: map from traversal 1, node over DDS, replay traversal 2, evaluate
+	$(PY) scripts/demo.py
+
+bench: setup
+	$(PY) bench/bench_model.py
+	$(PY) bench/bench_search.py
+	$(PY) bench/bench_encode.py
+	$(PY) bench/bench_node.py
+
+clean:
+	rm -rf build .pytest_cache
