@@ -19,7 +19,7 @@ ROSDEP_KEYS = {
     'cv_bridge': 'cv_bridge', 'launch': 'launch', 'launch_ros': 'launch_ros', 'tf2_ros': 'tf2_ros',
     'numpy': 'python3-numpy', 'cv2': 'python3-opencv', 'yaml': 'python3-yaml', 'tqdm': 'python3-tqdm',
     'matplotlib': 'python3-matplotlib', 'scipy': 'python3-scipy', 'sklearn': 'python3-sklearn',
-    'torch': 'python3-pytorch-pip', 'faiss': 'python3-faiss-pip', 'rosbags': 'python3-rosbags-pip',
+    'torch': 'python3-torch', 'faiss': 'python3-faiss-pip', 'rosbags': 'python3-rosbags-pip',
     'onnx': 'python3-onnx-pip', 'onnxruntime': 'python3-onnxruntime-pip',
 }
 STDLIB = set(sys.stdlib_module_names)
