@@ -1,0 +1,4 @@
+"""FoL network in PyTorch: backbone, aggregator, local branch, checkpoints and default weights."""
+from fol_ros.model.fol import FoLNet, FoLOutput, TrainOutput
+
+__all__ = ['FoLNet', 'FoLOutput', 'TrainOutput']
