@@ -18,5 +18,6 @@ setup(
         'fol-ros = fol_ros.cli:main',
         'fol-ros-node = fol_ros.ros.node:main',
         'fol-ros-recorder = fol_ros.ros.recorder:main',
+        'fol-ros-play = fol_ros.ros.player:main',
     ]},
 )
