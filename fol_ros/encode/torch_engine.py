@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -66,29 +66,42 @@ class TorchEncoder:
 
     def encode(self, images: Sequence[np.ndarray], color: str = 'rgb') -> list[Encoding]:
         """Encode uint8 images (RGB or BGR, any size) into one `Encoding` each."""
-        if len(images) == 0:
-            return []
-        h, w = self.info.input_size
-        grid = (4 * (h // 14) - 3, 4 * (w // 14) - 3)
-        out: list[Encoding] = []
-        for start in range(0, len(images), self.max_batch):
-            chunk = images[start:start + self.max_batch]
-            batch = preprocess(chunk, (h, w), color)
-            g, local, index, valid = (t.float().cpu().numpy() if t.is_floating_point() else t.cpu().numpy()
-                                      for t in self.forward(batch))
-            for i, image in enumerate(chunk):
-                n = int(valid[i].sum())
-                idx = index[i, :n]
-                if n == 0 or (idx < 0).any():
-                    raise EngineError(f'image {start + i}: the network returned {n} valid local tokens')
-                image_size = (int(image.shape[0]), int(image.shape[1]))
-                out.append(Encoding(
-                    global_desc=np.ascontiguousarray(g[i], dtype=np.float32),
-                    local=np.ascontiguousarray(local[i, :n], dtype=np.float32),
-                    local_index=idx.astype(np.int32),
-                    local_xy=local_cell_xy(idx, grid[1], (h, w), image_size),
-                    grid=grid, image_size=image_size))
-        return out
+        return encode_in_batches(images, color, self.info, self.max_batch, self._run_numpy)
+
+    def _run_numpy(self, batch: torch.Tensor) -> tuple[np.ndarray, ...]:
+        return tuple(t.float().cpu().numpy() if t.is_floating_point() else t.cpu().numpy()
+                     for t in self.forward(batch))
+
+
+def encode_in_batches(images: Sequence[np.ndarray], color: str, info: ModelInfo, max_batch: int,
+                      run: Callable[[torch.Tensor], tuple[np.ndarray, ...]]) -> list[Encoding]:
+    """Preprocess, run and convert to `Encoding`s in chunks of `max_batch`; shared by every back end.
+
+    Args:
+        run: preprocessed float32 CPU batch [B,3,H,W] -> numpy (global [B,8448], local [B,3600,128],
+            local_index [B,3600] (int32 or int64), valid [B,3600] bool), i.e. forward_fixed's outputs.
+    """
+    if len(images) == 0:
+        return []
+    h, w = info.input_size
+    grid = (4 * (h // 14) - 3, 4 * (w // 14) - 3)
+    out: list[Encoding] = []
+    for start in range(0, len(images), max_batch):
+        chunk = images[start:start + max_batch]
+        g, local, index, valid = run(preprocess(chunk, (h, w), color))
+        for i, image in enumerate(chunk):
+            n = int(valid[i].sum())
+            idx = index[i, :n]
+            if n == 0 or (idx < 0).any():
+                raise EngineError(f'image {start + i}: the network returned {n} valid local tokens')
+            image_size = (int(image.shape[0]), int(image.shape[1]))
+            out.append(Encoding(
+                global_desc=np.ascontiguousarray(g[i], dtype=np.float32),
+                local=np.ascontiguousarray(local[i, :n], dtype=np.float32),
+                local_index=idx.astype(np.int32),
+                local_xy=local_cell_xy(idx, grid[1], (h, w), image_size),
+                grid=grid, image_size=image_size))
+    return out
 
 
 def tiny_test_encoder(seed: int = 0, input_size: tuple[int, int] = (294, 294), max_batch: int = 8) -> TorchEncoder:
