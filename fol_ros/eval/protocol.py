@@ -175,3 +175,31 @@ def _result(ds: VprDataset, encoder, opts: DatasetEvalOptions, k: int, rerank_k:
         'wall_s': time.perf_counter() - t_start,
         'queries': queries,
     }
+
+
+def report_pairs(result: dict, ds: VprDataset, encoder, n: int, threshold: float = 0.7) -> list:
+    """Up to n query/top-1 pairs for the report: half correct, half failures, spread over the query list."""
+    from fol_ros.eval.report import pair_view
+
+    if n <= 0:
+        return []
+    rows = result['queries']
+    good = [q for q in rows if q['pred_rerank'] and q['pred_rerank'][0] in set(q['positives'])]
+    bad = [q for q in rows if q['pred_rerank'] and q['pred_rerank'][0] not in set(q['positives'])]
+    n_bad = min(len(bad), n // 2)
+    chosen = _spread(good, n - n_bad) + _spread(bad, n_bad)
+    views = []
+    for q in chosen:
+        m = q['pred_rerank'][0]
+        ok = m in set(q['positives'])
+        title = f'query {q["index"]} -> database {m} ({"correct" if ok else "wrong"})'
+        views.append(pair_view(encoder, read_rgb(ds.query_paths[q['index']]), read_rgb(ds.database_paths[m]),
+                               title, ok, threshold))
+    return views
+
+
+def _spread(items: list, n: int) -> list:
+    if n <= 0 or not items:
+        return []
+    idx = np.linspace(0, len(items) - 1, min(n, len(items))).round().astype(int)
+    return [items[i] for i in sorted(set(idx.tolist()))]
