@@ -1,0 +1,1 @@
+"""Stage 4: the place map on disk and in memory, and retrieval over its global descriptors."""

@@ -1,0 +1,302 @@
+"""PlaceMap: the places a robot has seen, with FoL descriptors, on disk and in memory.
+
+Directory layout (format version 1; no pickle anywhere, every .npy is loaded with allow_pickle=False):
+    metadata.json       format, version, model identity, dims/dtypes, counts, creation info, size + sha256 per file
+    places.csv          the places table (see places.py)
+    globals.npy         float32 [N, 8448] unit-norm global descriptors
+    local.npy           float16 [sum L, 128] local tokens of all places, concatenated (memory-mapped on load)
+    local_index.npy     int32 [sum L] flat index of each token in its place's local grid
+    local_xy.npy        float32 [sum L, 2] token pixel coordinates in the source image
+    local_offsets.npy   int64 [N + 1] token row range of place i: offsets[i]:offsets[i + 1]
+    append.log          optional: places added/removed since the last save or compaction (see storage.py)
+    index.faiss         optional: a saved retrieval index (see index.py); rebuilt when missing or stale
+"""
+from __future__ import annotations
+
+import json
+import logging
+import mmap
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from fol_ros.errors import MapError, MapMismatchError
+from fol_ros.records import Encoding, ModelInfo, Pose
+from fol_ros.search import storage
+from fol_ros.search.places import Place, read_places, write_places
+
+LOG = logging.getLogger(__name__)
+
+FORMAT = 'fol_ros.place_map'
+FORMAT_VERSION = 1
+LOG_NAME = 'append.log'
+BASE_FILES = ('places.csv', 'globals.npy', 'local.npy', 'local_index.npy', 'local_xy.npy', 'local_offsets.npy')
+_BASE, _LOGGED, _MEM = 0, 1, 2
+
+
+class PlaceMap:
+    """Places with global descriptors (in RAM) and local tokens (memory-mapped or in RAM).
+
+    Create with `create()`, `load()` or `open_append()`; never through the constructor.
+    """
+
+    def __init__(self, model: ModelInfo, global_dim: int, local_dim: int) -> None:
+        self.model = model
+        self.global_dim = int(global_dim)
+        self.local_dim = int(local_dim)
+        self.path: Path | None = None
+        self._places: dict[int, Place] = {}
+        self._row: dict[int, int] = {}          # place id -> row in self._globals
+        self._globals = np.zeros((0, self.global_dim), np.float32)
+        self._row_ids: list[int] = []             # row -> place id (-1 once removed)
+        self._where: dict[int, tuple[int, int]] = {}   # place id -> (storage kind, offset)
+        self._mem_tokens: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._base: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._log_file = None
+        self._durable = True
+        self._log_map: mmap.mmap | None = None
+        self._log_size = 0
+        self._next_id = 0
+        self._cache: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    # ----- construction -------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, model: ModelInfo, global_dim: int = 8448, local_dim: int = 128) -> 'PlaceMap':
+        """An empty in-memory map for descriptors of `model`."""
+        return cls(model, global_dim, local_dim)
+
+    @classmethod
+    def load(cls, path: str | Path, expect: ModelInfo | None = None, verify: str = 'full') -> 'PlaceMap':
+        """Load a map, verifying it.
+
+        Args:
+            path: the map directory.
+            expect: the running model; a map built with another fingerprint raises MapMismatchError.
+            verify: 'full' checks sizes and sha256 of every file; 'size' only sizes (fast for huge maps).
+        Raises:
+            MapError: missing, truncated, corrupt or of an unknown format version.
+        """
+        from fol_ros.search.load import load_map
+        return load_map(cls, Path(path), expect, verify)
+
+    @classmethod
+    def open_append(cls, path: str | Path, model: ModelInfo | None = None, durable: bool = True,
+                    global_dim: int = 8448, local_dim: int = 128) -> 'PlaceMap':
+        """Open (or create, given `model`) a map for online growth: each add/remove is fsynced to append.log.
+
+        Args:
+            durable: fsync after every record (a crash loses at most the place being written). Map building
+                turns it off for speed, since its output only becomes visible once complete.
+        """
+        path = Path(path)
+        if not (path / 'metadata.json').exists():
+            if model is None:
+                raise MapError(f'no place map at {path}; pass the model to create a new one there')
+            cls.create(model, global_dim, local_dim).save(path)
+        pmap = cls.load(path, expect=model)
+        pmap._open_log(durable)
+        return pmap
+
+    # ----- queries ------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._places)
+
+    def __contains__(self, place_id: int) -> bool:
+        return int(place_id) in self._places
+
+    @property
+    def places(self) -> list[Place]:
+        """The places table in insertion order."""
+        return [self._places[i] for i in self._row_ids if i >= 0]
+
+    def place(self, place_id: int) -> Place:
+        try:
+            return self._places[int(place_id)]
+        except KeyError:
+            raise MapError(f'place {place_id} is not in the map ({len(self)} places)') from None
+
+    def _arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self._cache is None:
+            rows = np.array([r for r, i in enumerate(self._row_ids) if i >= 0], np.int64)
+            g = self._globals[:len(self._row_ids)]
+            mat = g if len(rows) == len(self._row_ids) else g[rows]
+            ids = np.array([self._row_ids[r] for r in rows], np.int64)
+            stamps = np.array([self._places[i].stamp_ns for i in ids], np.int64)
+            self._cache = (mat, ids, stamps)
+        return self._cache
+
+    def global_matrix(self) -> np.ndarray:
+        """float32 [N, D] global descriptors, row i belongs to `place_ids()[i]`."""
+        return self._arrays()[0]
+
+    def place_ids(self) -> np.ndarray:
+        """int64 [N] place ids aligned with `global_matrix()` rows."""
+        return self._arrays()[1]
+
+    def stamps_ns(self) -> np.ndarray:
+        """int64 [N] capture stamps aligned with `global_matrix()` rows."""
+        return self._arrays()[2]
+
+    def global_desc(self, place_id: int) -> np.ndarray:
+        self.place(place_id)
+        return self._globals[self._row[int(place_id)]]
+
+    def local_tokens(self, place_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(local fp16 [L, 128], local_index int32 [L], local_xy float32 [L, 2]) of one place (read-only views)."""
+        n = self.place(place_id).num_tokens
+        kind, off = self._where[int(place_id)]
+        if kind == _MEM:
+            return self._mem_tokens[off]
+        if kind == _BASE:
+            local, index, xy = self._base
+            return local[off:off + n], index[off:off + n], xy[off:off + n]
+        if self._log_map is None or len(self._log_map) < self._log_size:
+            self._remap_log()
+        buf = self._log_map
+        d = self.local_dim
+        local = np.frombuffer(buf, np.float16, n * d, off).reshape(n, d)
+        off += storage.pad16(n * d * 2) + n * d * 2
+        index = np.frombuffer(buf, np.int32, n, off)
+        off += storage.pad16(n * 4) + n * 4
+        return local, index, np.frombuffer(buf, np.float32, 2 * n, off).reshape(n, 2)
+
+    # ----- growth -------------------------------------------------------------------------------------
+    def add(self, encoding: Encoding, stamp_ns: int, pose: Pose | None = None, source: str = '',
+            frame_id: str = '') -> int:
+        """Add one place; in append mode it is on disk (fsynced) when this returns. Returns its place id."""
+        g, local, index, xy = self._check(encoding)
+        place = Place(self._next_id, int(stamp_ns), frame_id, pose, source, tuple(map(int, encoding.grid)),
+                      tuple(map(int, encoding.image_size)), len(local))
+        if self._log_file is not None:
+            blobs = [g.tobytes(), local.tobytes(), index.tobytes(), xy.tobytes()]
+            record, offsets = storage.encode_record(storage.KIND_ADD, place.to_json(), blobs)
+            start = self._append(record)
+            where = (_LOGGED, start + offsets[1])
+        else:
+            self._mem_tokens.append((local, index, xy))
+            where = (_MEM, len(self._mem_tokens) - 1)
+        self._insert(place, g, where)
+        return place.place_id
+
+    def remove(self, place_ids) -> None:
+        """Remove places (ids never come back); in append mode the removal is logged and fsynced."""
+        ids = [int(i) for i in np.atleast_1d(np.asarray(place_ids, np.int64))]
+        missing = [i for i in ids if i not in self._places]
+        if missing:
+            raise MapError(f'cannot remove places {missing[:10]}: not in the map')
+        if self._log_file is not None:
+            self._append(storage.encode_record(storage.KIND_REMOVE, {'ids': ids}, [])[0])
+        self._drop(ids)
+
+    def save(self, path: str | Path, tool: str = '') -> None:
+        """Write the whole map (log folded in) to `path` atomically: temporary sibling, fsync, rename."""
+        from fol_ros.search.load import write_map
+        path = Path(path).resolve()
+        write_map(self, path, tool)
+        if self.path is not None and path == self.path.resolve():
+            self._reopen(path)
+
+    def compact(self) -> None:
+        """Fold append.log into the base files of the map's own directory (atomic), dropping removed places."""
+        if self.path is None:
+            raise MapError('compact() needs a map opened from disk (load or open_append)')
+        self.save(self.path)
+
+    def close(self) -> None:
+        """Close the append log (if open); the map stays readable."""
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    # ----- internals ----------------------------------------------------------------------------------
+    def _check(self, enc: Encoding) -> tuple[np.ndarray, ...]:
+        g = np.ascontiguousarray(enc.global_desc, np.float32).reshape(-1)
+        local = np.ascontiguousarray(enc.local, np.float16)
+        index = np.ascontiguousarray(enc.local_index, np.int32).reshape(-1)
+        xy = np.ascontiguousarray(enc.local_xy, np.float32).reshape(-1, 2)
+        if g.shape[0] != self.global_dim or local.ndim != 2 or local.shape[1] != self.local_dim:
+            raise MapError(f'encoding has global dim {g.shape[0]} and local shape {local.shape}; this map stores '
+                           f'{self.global_dim} and [L, {self.local_dim}] (was it made by another model?)')
+        if not (len(local) == len(index) == len(xy)):
+            raise MapError(f'encoding has {len(local)} local tokens but {len(index)} indices and {len(xy)} '
+                           'coordinates; they must match')
+        if not (np.isfinite(g).all() and np.isfinite(local).all()):
+            raise MapError('encoding contains NaN or inf; refusing to store it')
+        return g, local, index, xy
+
+    def _insert(self, place: Place, g: np.ndarray, where: tuple[int, int]) -> None:
+        row = len(self._row_ids)
+        if row >= len(self._globals):
+            grown = np.zeros((max(16, 2 * len(self._globals)), self.global_dim), np.float32)
+            grown[:row] = self._globals[:row]
+            self._globals = grown
+        self._globals[row] = g
+        self._row_ids.append(place.place_id)
+        self._row[place.place_id] = row
+        self._places[place.place_id] = place
+        self._where[place.place_id] = where
+        self._next_id = max(self._next_id, place.place_id + 1)
+        self._cache = None
+
+    def _drop(self, ids: list[int]) -> None:
+        for i in ids:
+            if i in self._places:
+                self._row_ids[self._row.pop(i)] = -1
+                del self._places[i], self._where[i]
+        self._cache = None
+
+    def _open_log(self, durable: bool) -> None:
+        path = self.path / LOG_NAME
+        created = not path.exists()
+        self._log_file = open(path, 'ab')
+        self._log_file.truncate(self._log_size)   # drop a torn tail so new records follow good ones
+        self._durable = durable
+        if created:
+            storage.fsync_path(self.path)
+
+    def _append(self, record: bytes) -> int:
+        start = self._log_size
+        self._log_file.write(record)
+        self._log_file.flush()
+        if self._durable:
+            os.fsync(self._log_file.fileno())
+        self._log_size += len(record)
+        return start
+
+    def _remap_log(self) -> None:
+        if self._log_file is not None:
+            self._log_file.flush()
+        with open(self.path / LOG_NAME, 'rb') as handle:
+            self._log_map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+
+    def _reopen(self, path: Path) -> None:
+        durable = self._durable
+        was_appending = self._log_file is not None
+        self.close()
+        fresh = type(self).load(path, expect=self.model, verify='size')
+        self.__dict__.update(fresh.__dict__)
+        if was_appending:
+            self._open_log(durable)
+
+
+def creation_info(tool: str) -> dict:
+    """Who/when/where wrote a map, for metadata.json."""
+    return {'utc': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()), 'host': platform.node(),
+            'tool': tool or 'fol_ros', 'numpy': np.__version__}
+
+
+def metadata_dict(pmap: PlaceMap, files: dict, total_tokens: int, tool: str) -> dict:
+    m = pmap.model
+    return {'format': FORMAT, 'format_version': FORMAT_VERSION,
+            'model': {'fingerprint': m.fingerprint, 'backbone': m.backbone, 'input_size': list(m.input_size),
+                      'checkpoint_sha256': m.checkpoint_sha256, 'label': m.label},
+            'global_dim': pmap.global_dim, 'global_dtype': 'float32', 'local_dim': pmap.local_dim,
+            'local_dtype': 'float16', 'count': len(pmap), 'total_local_tokens': int(total_tokens),
+            'next_place_id': pmap._next_id, 'created': creation_info(tool), 'files': files}
+
+
+def dump_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + '\n', encoding='utf-8')
