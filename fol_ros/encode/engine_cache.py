@@ -21,13 +21,18 @@ import pathlib
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TypeVar
 
 from fol_ros.errors import EngineError
 
 LOG = logging.getLogger(__name__)
 CACHE_FORMAT = 1          # bump when the sidecar layout or key semantics change
 _EXTENSIONS = {'onnx': '.onnx', 'tensorrt': '.plan'}
+T = TypeVar('T')
+
+
+class StaleArtifactError(EngineError):
+    """A runtime refused a cached artefact (e.g. TensorRT: 'engine plan file is not compatible'); rebuild it."""
 
 
 def default_cache_root(cache_dir: str = '') -> pathlib.Path:
@@ -223,6 +228,18 @@ class EngineCache:
             LOG.info('built %s in %.1f s (%.1f MB)', path.name, meta['build_s'], meta['size'] / 1e6)
         finally:
             tmp.unlink(missing_ok=True)
+
+    def open(self, key: ArtifactKey, build: Callable[[pathlib.Path], None], load: Callable[[pathlib.Path], T]) -> T:
+        """`load(get_or_build(key, build))`; when `load` raises StaleArtifactError, discard, rebuild once, load again.
+
+        This catches what the key cannot: a plan that carries the right key but that this driver/GPU refuses.
+        """
+        path = self.get_or_build(key, build)
+        try:
+            return load(path)
+        except StaleArtifactError as exc:
+            self.invalidate(key, str(exc))
+        return load(self.get_or_build(key, build))
 
     def entries(self) -> list[dict]:
         """Sidecar metadata of every artefact in the cache (for `fol-ros export --list` and clean-up)."""
