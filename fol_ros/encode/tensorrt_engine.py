@@ -152,6 +152,7 @@ class TensorRTEncoder:
         hi = self.engine.get_tensor_profile_shape(INPUT_NAME, 0)[2][0]
         self.max_batch = max(1, min(int(max_batch), int(hi)))
         self.info = info
+        self.plan_path = pathlib.Path(plan_path)
         self.name = f'tensorrt-{precision}'
 
     def forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
