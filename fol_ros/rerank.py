@@ -1,0 +1,153 @@
+"""Stage 5: FoL local re-ranking (fol-method §9.2) with the §14 fixes, batched and memory bounded.
+
+Score of a candidate = number of mutual nearest-neighbour (MNN) pairs between the query's and the candidate's
+local tokens whose cosine similarity is > threshold (0.7, strict). Fixes over the official code (§14):
+#9  a single MNN pair counts 1 (the official `squeeze()` made it 0; `single_match_quirk=True` mirrors that);
+#10 candidates are re-ordered by a stable descending sort, ties broken by global retrieval rank;
+#22 tokens stay ragged (no 3600-row padding in storage) and fp16; the similarity workspace is chunked.
+
+The official code builds M = K x L x L at once (5.2 GB for K=100). Here candidates are grouped into chunks,
+padded to the chunk's longest token list with a mask (padding can never be a nearest neighbour), and the query
+tokens are tiled when even one candidate's block exceeds the budget; the running argmax over query tiles keeps
+the first maximum, like torch/numpy argmax.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from fol_ros.config import RerankConfig
+from fol_ros.errors import ConfigError
+from fol_ros.records import Candidate, Encoding
+
+LOG = logging.getLogger(__name__)
+
+
+def _device(device: str) -> torch.device:
+    dev = torch.device('cuda' if device == 'auto' and torch.cuda.is_available() else
+                       'cpu' if device == 'auto' else device)
+    if dev.type == 'cuda' and not torch.cuda.is_available():
+        raise ConfigError(f'rerank device {device!r} requested but CUDA is not available; use device=cpu')
+    return dev
+
+
+def _mnn_blocks(query: np.ndarray, cands: Sequence[np.ndarray], budget_mb: float, device: str):
+    """Yield (candidate indices, best db token per query token i1 [k, Lq], its cosine v1 [k, Lq], mutual [k, Lq])."""
+    dev = _device(device)
+    dtype = torch.float16 if dev.type == 'cuda' else torch.float32
+    q = torch.as_tensor(np.asarray(query), device=dev).to(dtype)
+    lq = q.shape[0]
+    budget = max(1.0, float(budget_mb)) * 2 ** 20
+    elem = torch.finfo(dtype).bits // 8 + 1   # similarity + mask traffic per element
+    start = 0
+    while start < len(cands):
+        lmax = max(1, max(len(c) for c in cands[start:start + 1]))
+        tile = int(min(lq, max(1, budget // (lmax * elem))))
+        k = 1
+        while start + k < len(cands):   # grow the chunk while the padded block fits the budget
+            grown = max(lmax, len(cands[start + k]))
+            if (k + 1) * grown * tile * elem > budget:
+                break
+            lmax, k = grown, k + 1
+        yield range(start, start + k), *_mnn_chunk(q, cands[start:start + k], lmax, tile, dtype, dev)
+        start += k
+
+
+def _mnn_chunk(q: torch.Tensor, cands: Sequence[np.ndarray], lmax: int, tile: int, dtype, dev):
+    k, (lq, d) = len(cands), q.shape
+    c = torch.zeros((k, lmax, d), dtype=dtype, device=dev)
+    valid = torch.zeros((k, lmax), dtype=torch.bool, device=dev)
+    for i, cand in enumerate(cands):
+        if len(cand):
+            c[i, :len(cand)] = torch.as_tensor(np.asarray(cand), device=dev).to(dtype)
+            valid[i, :len(cand)] = True
+    pad = ~valid[:, :, None]
+    i1 = torch.empty((k, lq), dtype=torch.int64, device=dev)
+    v1 = torch.empty((k, lq), dtype=dtype, device=dev)
+    best2 = torch.full((k, lmax), -torch.inf, dtype=dtype, device=dev)
+    i2 = torch.zeros((k, lmax), dtype=torch.int64, device=dev)
+    for t0 in range(0, lq, tile):
+        sim = torch.matmul(c, q[t0:t0 + tile].T).masked_fill_(pad, -torch.inf)   # [k, Lc, t]
+        v1[:, t0:t0 + tile], i1[:, t0:t0 + tile] = sim.max(dim=1)
+        v2, j2 = sim.max(dim=2)
+        better = v2 > best2          # strict: an earlier tile keeps ties (first maximum)
+        best2 = torch.where(better, v2, best2)
+        i2 = torch.where(better, j2 + t0, i2)
+    mutual = i2.gather(1, i1) == torch.arange(lq, device=dev)[None]
+    return i1, v1, mutual
+
+
+def mutual_nn_counts(query_local: np.ndarray, cand_locals: Sequence[np.ndarray], threshold: float = 0.7,
+                     budget_mb: float = 512.0, device: str = 'cpu', single_match_quirk: bool = False) -> np.ndarray:
+    """FoL local score of each candidate: the number of MNN token pairs with cosine > threshold.
+
+    Args:
+        query_local: [Lq, D] unit-norm query tokens (fp16 or fp32; zero rows are allowed and never count).
+        cand_locals: K arrays [L_k, D], ragged.
+        budget_mb: bound on the similarity workspace; candidates (and if needed query tokens) are chunked to fit.
+        device: 'cpu', 'cuda', 'cuda:N' or 'auto'; CUDA computes in fp16.
+        single_match_quirk: mirror official quirk A (exactly one MNN scores 0) for bit parity.
+    Returns:
+        int64 [K].
+    """
+    counts = np.zeros(len(cand_locals), np.int64)
+    if len(cand_locals) == 0 or len(query_local) == 0:
+        return counts
+    with torch.inference_mode():
+        for idx, _, v1, mutual in _mnn_blocks(query_local, cand_locals, budget_mb, device):
+            good = (mutual & (v1 > threshold)).sum(1)
+            if single_match_quirk:
+                good = torch.where(mutual.sum(1) == 1, torch.zeros_like(good), good)
+            counts[idx.start:idx.stop] = good.cpu().numpy()
+    return counts
+
+
+def mutual_nn_pairs(query_local: np.ndarray, cand_local: np.ndarray, threshold: float = 0.7,
+                    budget_mb: float = 512.0, device: str = 'cpu') -> tuple[np.ndarray, np.ndarray]:
+    """The MNN pairs counted by `mutual_nn_counts` for one candidate: (query token rows, candidate token rows)."""
+    if len(query_local) == 0 or len(cand_local) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    with torch.inference_mode():
+        (_, i1, v1, mutual), = _mnn_blocks(query_local, [cand_local], budget_mb, device)
+        keep = (mutual & (v1 > threshold))[0]
+        iq = torch.nonzero(keep).reshape(-1)
+        return iq.cpu().numpy(), i1[0, iq].cpu().numpy()
+
+
+def rerank(candidates: Sequence[Candidate] | np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Order of candidates by descending local score; equal scores keep the global retrieval order (stable).
+
+    Args:
+        candidates: Candidates (their `retrieval_rank` breaks ties) or an array of retrieval ranks.
+        scores: [K] local scores.
+    Returns:
+        int64 [K] indices into `candidates`, best first.
+    """
+    if len(candidates) and isinstance(candidates[0], Candidate):
+        ranks = np.array([c.retrieval_rank for c in candidates], np.int64)
+    else:
+        ranks = np.asarray(candidates, np.int64).reshape(-1)
+    scores = np.asarray(scores).reshape(-1)
+    if len(ranks) != len(scores):
+        raise ConfigError(f'{len(ranks)} candidates but {len(scores)} scores')
+    return np.lexsort((ranks, -scores.astype(np.float64))).astype(np.int64)
+
+
+def rerank_candidates(query: Encoding, candidates: list[Candidate], place_map, config: RerankConfig = RerankConfig()
+                      ) -> list[Candidate]:
+    """Score the first `config.top_k` candidates (in global order) and return them re-ranked, the rest after.
+
+    Sets `local_matches` on the scored candidates. `place_map` must provide `local_tokens(place_id)`.
+    """
+    if not config.enabled or not candidates:
+        return list(candidates)
+    head, tail = list(candidates[:config.top_k]), list(candidates[config.top_k:])
+    locals_ = [place_map.local_tokens(c.place_id)[0] for c in head]
+    counts = mutual_nn_counts(query.local, locals_, config.similarity_threshold, config.memory_budget_mb,
+                              config.device)
+    for cand, count in zip(head, counts):
+        cand.local_matches = int(count)
+    return [head[i] for i in rerank(head, counts)] + tail
