@@ -1,0 +1,1 @@
+"""Stage 6: geometric verification (geometry.py) and the loop-closure decision (gate.py)."""
