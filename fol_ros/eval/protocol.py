@@ -95,10 +95,12 @@ def rerank_query(query_tokens: np.ndarray, candidates: np.ndarray, db_store: Tok
     """Re-rank one query's global top-K; returns (new order of the K candidates, their mutual-NN counts)."""
     from fol_ros import rerank as fol_rerank
 
-    cand_locals = [db_store.get(int(c)) for c in candidates]
+    # Copies: the store is a read-only memmap, and K x L x 128 fp16 is small (~70 MB for K=100).
+    cand_locals = [np.array(db_store.get(int(c))) for c in candidates]
     counts = np.asarray(fol_rerank.mutual_nn_counts(query_tokens, cand_locals, threshold=opts.threshold,
                                                     budget_mb=opts.memory_budget_mb, device=opts.rerank_device))
-    order = np.asarray(fol_rerank.rerank(candidates, counts), dtype=np.int64)
+    # Ties keep the global order: rerank() breaks them by retrieval rank, i.e. position in the global top-K.
+    order = np.asarray(fol_rerank.rerank(np.arange(len(candidates)), counts), dtype=np.int64)
     return order, counts
 
 
@@ -124,7 +126,7 @@ def evaluate_dataset(ds: VprDataset, encoder, opts: DatasetEvalOptions = Dataset
             row = ids[qi]
             if rerank_k:
                 t0 = time.perf_counter()
-                order, counts = rerank_query(np.asarray(q_store.get(qi)), row[:rerank_k], db_store, opts)
+                order, counts = rerank_query(np.array(q_store.get(qi)), row[:rerank_k], db_store, opts)
                 samples['rerank'].append((time.perf_counter() - t0) * 1e3)
                 pred_rerank.append(np.r_[row[:rerank_k][order], row[rerank_k:]])
                 top_scores.append(counts[order].tolist())
