@@ -49,9 +49,10 @@ class ExclusionFilter:
 class GlobalIndex:
     """Top-k inner-product search over place descriptors, with row -> place id and stamp bookkeeping."""
 
-    def __init__(self, config: SearchConfig = SearchConfig(), dim: int = 8448) -> None:
+    def __init__(self, config: SearchConfig = SearchConfig(), dim: int | None = None) -> None:
+        """dim: descriptor size; None = taken from the first vectors given to build/add."""
         self.config = config
-        self.dim = int(dim)
+        self.dim = None if dim is None else int(dim)
         self.kind = config.index_type
         self._index: faiss.Index | None = None
         self._ids = np.zeros(0, np.int64)
@@ -94,10 +95,10 @@ class GlobalIndex:
                ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k by cosine. Returns (place ids int64 [Q, k], similarities float32 [Q, k]), best first;
         slots beyond the available places hold id -1 and similarity -inf."""
-        q = self._as_matrix(queries)
         k = int(k)
         if k < 1:
             raise ConfigError(f'k={k} must be >= 1')
+        q = np.atleast_2d(np.asarray(queries, np.float32)) if self.dim is None else self._as_matrix(queries)
         if self._index is None or len(self._ids) == 0:
             return np.full((len(q), k), -1, np.int64), np.full((len(q), k), -np.inf, np.float32)
         allowed = self._allowed(exclude)
@@ -157,6 +158,8 @@ class GlobalIndex:
         x = np.ascontiguousarray(x, np.float32)
         if x.ndim == 1:
             x = x[None]
+        if self.dim is None and x.ndim == 2:
+            self.dim = x.shape[1]
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ConfigError(f'descriptors of shape {x.shape} do not match the index dimension {self.dim}')
         return x
