@@ -7,7 +7,7 @@ import pytest
 
 from fol_ros.encode.engine_cache import EngineCache
 from fol_ros.encode.export import (GLOBAL_COSINE_MIN, INPUT_NAME, OUTPUT_NAMES, baked_position_embeddings,
-                                   cached_onnx, compare_outputs, example_input, export_onnx, onnx_key, ort_session,
+                                   boundary_ties, cached_onnx, cell_patches, compare_outputs, example_input, export_onnx, onnx_key, ort_session,
                                    torch_fixed_outputs, verify_onnx)
 from fol_ros.encode.torch_engine import tiny_test_encoder
 from fol_ros.errors import EngineError
@@ -90,10 +90,24 @@ def test_compare_outputs_detects_disagreement(tiny):
     g, local, index, valid = (a.copy() for a in ref)
     valid[1, 0] = False                                  # one token missing in image 1
     bad = compare_outputs(ref, (g, local, index, valid))
-    assert not bad.ok and bad.token_set_mismatch == 1
+    assert not bad.ok and bad.token_set_mismatch == 1 and bad.untied_mismatch == 1
+    # The same difference on a patch tied at the 225th score is float noise, not a disagreement.
+    cells = cell_patches(SIZE)
+    tied_patch = int(cells[index[1, 0]])
+    tied = compare_outputs(ref, (g, local, index, valid), [set(), {tied_patch}], cells)
+    assert tied.ok and not tied.token_sets_equal and tied.untied_mismatch == 0
+    wrong_patch = compare_outputs(ref, (g, local, index, valid), [set(), {tied_patch + 1}], cells)
+    assert not wrong_patch.ok
     g2 = ref[0].copy()
     g2[0] = np.roll(g2[0], 1)
     assert compare_outputs(ref, (g2, *ref[1:])).global_cosine_min < GLOBAL_COSINE_MIN
+
+
+def test_boundary_ties_include_the_225th_patch(tiny):
+    x = example_input(SIZE, batch=2)
+    ties = boundary_ties(tiny[0], x)
+    assert len(ties) == 2 and all(1 <= len(t) < 529 for t in ties)
+    assert all(len(t) < 100 for t in boundary_ties(tiny[0], x, rel_tol=0.0))
 
 
 def test_verify_rejects_a_graph_from_other_weights(exported):

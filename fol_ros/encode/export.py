@@ -31,6 +31,7 @@ INPUT_NAME = 'images'
 OUTPUT_NAMES = ('global', 'local', 'local_index', 'valid')
 GLOBAL_COSINE_MIN = 0.9999
 LOCAL_COSINE_MIN = 0.999
+TIE_REL_TOL = 2e-6     # selection scores this close to the 225th are float-noise ties
 
 
 @contextlib.contextmanager
@@ -135,36 +136,74 @@ def ort_session(path: pathlib.Path | str, providers: list[str] | None = None, th
 
 @dataclass(frozen=True)
 class VerifyReport:
-    """Agreement of the ONNX graph with torch on one batch."""
+    """Agreement of the ONNX graph with torch on one batch.
+
+    Token sets are compared exactly (`token_set_mismatch`), but a difference counts against `ok` only when it
+    involves a patch that is not tied, within float noise, with the 225th selection score: the order of
+    float-identical scores at that boundary is implementation-defined (fol-method §4 step 9), and near-uniform
+    scores (untrained heads) produce such ties.
+    """
 
     global_cosine_min: float
     local_cosine_min: float
     token_sets_equal: bool
     token_set_mismatch: int     # cells in one set but not the other, summed over the batch
+    untied_mismatch: int        # of those, cells whose patch is not tied at the selection boundary
     batch: int
 
     @property
     def ok(self) -> bool:
-        return (self.global_cosine_min >= GLOBAL_COSINE_MIN and self.token_sets_equal
+        return (self.global_cosine_min >= GLOBAL_COSINE_MIN and self.untied_mismatch == 0
                 and self.local_cosine_min >= LOCAL_COSINE_MIN)
 
 
-def compare_outputs(ref: tuple[np.ndarray, ...], got: tuple[np.ndarray, ...]) -> VerifyReport:
-    """Compare (global, local, local_index, valid) of two back ends, image by image."""
+def boundary_ties(net: nn.Module, x: torch.Tensor, rel_tol: float = TIE_REL_TOL) -> list[set[int]]:
+    """Per image, the patches whose torch selection score is within `rel_tol` of the 225th largest score."""
+    from fol_ros.model.aggregator import SELECTED_PATCHES
+    from fol_ros.model.fol import MASK_GUIDE_THRESHOLD
+    with torch.no_grad():
+        f, t, att = net.eval().backbone(x)
+        guide = torch.where(att >= MASK_GUIDE_THRESHOLD, att, torch.zeros_like(att))
+        mix = net.aggregator(f, t, att, guide, test=True).mix
+    kth = torch.topk(mix, SELECTED_PATCHES, dim=1).values[:, -1:]
+    near = (mix - kth).abs() <= rel_tol * kth.abs()
+    return [set(np.flatnonzero(row.numpy()).tolist()) for row in near]
+
+
+def cell_patches(input_size: tuple[int, int]) -> np.ndarray:
+    """Patch index of every local cell at `input_size` (to map token differences back to patches)."""
+    from fol_ros.model.backbone import PATCH
+    from fol_ros.model.local_head import local_cell_to_patch
+    return local_cell_to_patch(input_size[0] // PATCH, input_size[1] // PATCH)
+
+
+def compare_outputs(ref: tuple[np.ndarray, ...], got: tuple[np.ndarray, ...],
+                    ties: list[set[int]] | None = None, cell_patch: np.ndarray | None = None) -> VerifyReport:
+    """Compare (global, local, local_index, valid) of two back ends, image by image.
+
+    Args:
+        ties, cell_patch: from `boundary_ties` and `cell_patches`; without them every difference is untied.
+    """
     g_ref, l_ref, i_ref, v_ref = ref
     g_got, l_got, i_got, v_got = got
     gcos = np.sum(g_ref * g_got, axis=1) / (np.linalg.norm(g_ref, axis=1) * np.linalg.norm(g_got, axis=1) + 1e-12)
-    mismatch, lcos_min = 0, 1.0
+    mismatch, untied, lcos_min = 0, 0, 1.0
     for b in range(g_ref.shape[0]):
         a = i_ref[b][v_ref[b]].astype(np.int64)
         c = i_got[b][v_got[b]].astype(np.int64)
         common, ia, ic = np.intersect1d(a, c, return_indices=True)
-        mismatch += len(a) + len(c) - 2 * len(common)
+        differ = np.setxor1d(a, c)
+        mismatch += differ.size
+        if ties is not None and cell_patch is not None:
+            untied += sum(int(cell_patch[cell]) not in ties[b] for cell in differ)
+        else:
+            untied += differ.size
         if len(common):
             la = l_ref[b][v_ref[b]][ia].astype(np.float32)
             lc = l_got[b][v_got[b]][ic].astype(np.float32)
             lcos_min = min(lcos_min, float(np.min(np.sum(la * lc, axis=1))))
-    return VerifyReport(float(gcos.min()), lcos_min, mismatch == 0, int(mismatch), int(g_ref.shape[0]))
+    return VerifyReport(float(gcos.min()), lcos_min, mismatch == 0, int(mismatch), int(untied),
+                        int(g_ref.shape[0]))
 
 
 def torch_fixed_outputs(net: nn.Module, x: torch.Tensor) -> tuple[np.ndarray, ...]:
@@ -176,17 +215,19 @@ def torch_fixed_outputs(net: nn.Module, x: torch.Tensor) -> tuple[np.ndarray, ..
 
 def verify_onnx(path: pathlib.Path | str, net: nn.Module, input_size: tuple[int, int], batch: int = 2,
                 raise_on_fail: bool = True) -> VerifyReport:
-    """Run the ONNX graph and torch on the same batch; require global cosine >= 0.9999 and equal token sets.
+    """Run the ONNX graph and torch on the same batch; require global cosine >= 0.9999 and the same token set
+    (up to ties at the selection boundary, see VerifyReport).
 
     Uses a batch size different from the export batch, so the dynamic batch axis is exercised too.
     """
     x = example_input(check_input_size(input_size), batch=batch, seed=1)
     ref = torch_fixed_outputs(net, x)
     got = tuple(ort_session(path).run(None, {INPUT_NAME: x.numpy()}))
-    report = compare_outputs(ref, got)
+    report = compare_outputs(ref, got, boundary_ties(net, x), cell_patches(input_size))
     LOG.info('ONNX vs torch: global cosine min %.6f, local cosine min %.5f, token sets %s',
              report.global_cosine_min, report.local_cosine_min,
-             'equal' if report.token_sets_equal else f'differ by {report.token_set_mismatch} cells')
+             'equal' if report.token_sets_equal else
+             f'differ by {report.token_set_mismatch} cells ({report.untied_mismatch} outside score ties)')
     if raise_on_fail and not report.ok:
         raise EngineError(f'the exported ONNX disagrees with torch: {report}; report this with the torch and '
                           'onnxruntime versions, and use engine=torch meanwhile')
