@@ -112,6 +112,11 @@ class PlaceMap:
         """The places table in insertion order."""
         return [self._places[i] for i in self._row_ids if i >= 0]
 
+    @property
+    def pending_log_bytes(self) -> int:
+        """Bytes of append log not yet folded into the base files by `compact()`."""
+        return self._log_size
+
     def place(self, place_id: int) -> Place:
         try:
             return self._places[int(place_id)]

@@ -1,0 +1,139 @@
+"""`fol-ros map build|info|compact`: make a place map from images or a rosbag2, check one, fold its append log.
+
+    fol-ros map build --images DIR [--poses poses.csv] --out MAP
+    fol-ros map build --bag run.mcap --image-topic /camera/image_raw --pose-topic /odom --out MAP
+    fol-ros map info MAP          # verifies every checksum; exits 2 with the reason if the map is damaged
+    fol-ros map compact MAP       # folds append.log (online mapping) into the base files, atomically
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser('map', help='build, inspect and compact place maps',
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=__doc__)
+    sub = p.add_subparsers(dest='map_command', required=True, metavar='ACTION')
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    b = sub.add_parser('build', help='encode images into a new map', formatter_class=fmt)
+    src = b.add_mutually_exclusive_group(required=True)
+    src.add_argument('--images', metavar='DIR', help='folder of images (sorted by file name)')
+    src.add_argument('--bag', metavar='BAG', help='rosbag2 folder or file (sqlite3 or MCAP)')
+    b.add_argument('--poses', metavar='CSV', default='', help='with --images: id,stamp,x,y,z,qx,qy,qz,qw')
+    b.add_argument('--pose-frame', default='map', help='with --images: frame the CSV poses are expressed in')
+    b.add_argument('--image-topic', default='', help='with --bag: sensor_msgs/Image or CompressedImage topic')
+    b.add_argument('--pose-topic', default='', help='with --bag: Odometry, PoseStamped or PoseWithCovarianceStamped')
+    b.add_argument('--pose-tolerance', type=float, default=0.1, help='max |image - pose| stamp difference (s)')
+    b.add_argument('--out', required=True, metavar='MAP', help='map directory to create')
+    b.add_argument('--force', action='store_true', help='replace an existing map at --out (atomically)')
+    b.add_argument('--checkpoint', default='', help="FoL checkpoint; '' = the default ViT-S/14 (fol-ros weights)")
+    b.add_argument('--backbone', default='', choices=['', 'vits14', 'vitb14', 'vitl14'], help="'' = infer")
+    b.add_argument('--size', type=int, default=322, help='square network input size (322 README, 504 paper)')
+    b.add_argument('--engine', default='auto', choices=['auto', 'torch', 'onnxruntime', 'tensorrt'])
+    b.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda', 'cuda:N'")
+    b.add_argument('--precision', default='fp16', choices=['fp32', 'fp16', 'bf16'], help='GPU precision')
+    b.add_argument('--batch-size', type=int, default=8, help='images per encoder call')
+    b.add_argument('--min-distance', type=float, default=1.0, help='keyframe after this travel (m; 0 = off)')
+    b.add_argument('--min-interval', type=float, default=1.0, help='keyframe after this time (s; 0 = off)')
+    b.add_argument('--novelty', type=float, default=0.9,
+                   help='keyframe when the best global similarity to the map is below this (0 = off)')
+    b.add_argument('--index', default='flat', choices=['flat', 'ivf', 'hnsw'],
+                   help='ivf/hnsw: also build and save the approximate index (index.faiss)')
+    b.add_argument('--no-progress', action='store_true', help='no progress bar')
+    b.set_defaults(func=run_build)
+    i = sub.add_parser('info', help='verify a map and print its metadata and counts', formatter_class=fmt)
+    i.add_argument('map', metavar='MAP')
+    i.add_argument('--fast', action='store_true', help='check file sizes only, not sha256 (huge maps)')
+    i.add_argument('--json', action='store_true', help='print machine-readable JSON')
+    i.set_defaults(func=run_info)
+    c = sub.add_parser('compact', help='fold append.log into the base files (atomic)', formatter_class=fmt)
+    c.add_argument('map', metavar='MAP')
+    c.set_defaults(func=run_compact)
+
+
+def _source(args: argparse.Namespace):
+    from fol_ros.errors import ConfigError
+    from fol_ros.sources import BagSource, ImageFolderSource
+    if args.images:
+        if args.image_topic or args.pose_topic:
+            raise ConfigError('--image-topic/--pose-topic only apply to --bag')
+        return ImageFolderSource(args.images, args.poses or None, args.pose_frame)
+    if args.poses:
+        raise ConfigError('--poses only applies to --images; with --bag use --pose-topic')
+    if not args.image_topic:
+        raise ConfigError('--bag needs --image-topic (see the topics with `ros2 bag info` or the error below)')
+    return BagSource(args.bag, args.image_topic, args.pose_topic, args.pose_tolerance)
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from fol_ros.config import EngineConfig, KeyframeConfig, ModelConfig, SearchConfig
+    from fol_ros.encode.base import create_encoder
+    from fol_ros.search.build import build_map
+    keyframe = KeyframeConfig(min_distance_m=args.min_distance, min_interval_s=args.min_interval,
+                              novelty_threshold=args.novelty)
+    source = _source(args)   # validate the input before loading a model
+    encoder = create_encoder(ModelConfig(checkpoint=args.checkpoint, backbone=args.backbone,
+                                         input_size=(args.size, args.size)),
+                             EngineConfig(engine=args.engine, device=args.device, precision=args.precision,
+                                          max_batch=max(1, args.batch_size)))
+    log.info('encoder %s, model %s', encoder.name, encoder.info.fingerprint)
+    report = build_map(source, encoder, args.out, keyframe, args.batch_size, overwrite=args.force,
+                       progress=not args.no_progress, tool='fol-ros ' + ' '.join(sys.argv[1:]))
+    if args.index != 'flat':
+        from fol_ros.search.index import GlobalIndex
+        from fol_ros.search.place_map import PlaceMap
+        GlobalIndex.for_map(PlaceMap.load(args.out, verify='size'), SearchConfig(index_type=args.index))
+    print(f'{report.out}: {report.places} places from {report.frames} frames '
+          f'({report.with_pose} with a pose; {dict(report.reasons)}) in {report.seconds:.1f} s')
+    return 0
+
+
+def map_summary(path: str | Path, verify: str = 'full') -> dict:
+    """Metadata and counts of a map after verifying it (raises MapError when damaged)."""
+    from fol_ros.search.load import read_metadata
+    from fol_ros.search.place_map import LOG_NAME, PlaceMap
+    path = Path(path)
+    pmap = PlaceMap.load(path, verify=verify)
+    meta = read_metadata(path)
+    stamps = pmap.stamps_ns()
+    places = pmap.places
+    return {
+        'path': str(path), 'format_version': meta['format_version'], 'model': meta['model'],
+        'global': f"{meta['global_dim']} x {meta['global_dtype']}", 'local': f"L x {meta['local_dim']} {meta['local_dtype']}",
+        'created': meta['created'], 'places': len(pmap), 'places_in_base': meta['count'],
+        'places_with_pose': sum(p.pose is not None for p in places),
+        'pose_frames': sorted({p.pose.frame_id for p in places if p.pose is not None}),
+        'local_tokens': int(sum(p.num_tokens for p in places)),
+        'stamp_range_s': [float(stamps.min()) / 1e9, float(stamps.max()) / 1e9] if len(stamps) else [],
+        'append_log_bytes': (path / LOG_NAME).stat().st_size if (path / LOG_NAME).exists() else 0,
+        'disk_bytes': sum(f.stat().st_size for f in path.iterdir() if f.is_file()),
+        'verified': 'sizes + sha256' if verify == 'full' else 'sizes only',
+    }
+
+
+def run_info(args: argparse.Namespace) -> int:
+    summary = map_summary(args.map, 'size' if args.fast else 'full')
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            value = ', '.join(f'{k}={v}' for k, v in value.items())
+        print(f'{key:>17}: {value}')
+    return 0
+
+
+def run_compact(args: argparse.Namespace) -> int:
+    from fol_ros.search.place_map import PlaceMap
+    pmap = PlaceMap.open_append(args.map)
+    before = pmap.pending_log_bytes
+    pmap.compact()
+    pmap.close()
+    print(f'{args.map}: {len(pmap)} places; folded {before} bytes of append log')
+    return 0
