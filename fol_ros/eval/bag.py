@@ -62,6 +62,53 @@ def eval_pipeline_config(config: PipelineConfig, opts: BagEvalOptions) -> Pipeli
     return dataclasses.replace(config, rerank=rerank, search=search, gate=gate)
 
 
+PARAM_GROUPS = ('search', 'rerank', 'verify', 'gate', 'keyframe')
+
+
+def apply_node_params(config: PipelineConfig, params_file: str | Path) -> PipelineConfig:
+    """Apply a node parameter YAML (`<node>: ros__parameters: {gate.min_local_matches: 20, ...}`) to `config`.
+
+    Only the stage groups (search, rerank, verify, gate, keyframe) are taken: the model and engine come from the
+    eval command line, and node settings (topics, QoS) do not affect the pipeline.
+    """
+    import yaml
+
+    path = Path(params_file)
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f'cannot read node parameters {path}: {exc}') from exc
+    params = next((v['ros__parameters'] for v in (doc or {}).values()
+                   if isinstance(v, dict) and isinstance(v.get('ros__parameters'), dict)), None)
+    if params is None:
+        raise ConfigError(f'{path}: no "<node name>: ros__parameters:" section')
+    flat: dict[str, object] = {}
+
+    def walk(prefix: str, node: dict) -> None:
+        for k, v in node.items():
+            name = f'{prefix}.{k}' if prefix else str(k)
+            walk(name, v) if isinstance(v, dict) else flat.__setitem__(name, v)
+
+    walk('', params)
+    for group in PARAM_GROUPS:
+        current = getattr(config, group)
+        fields = {f.name: getattr(current, f.name) for f in dataclasses.fields(current)}
+        changes = {}
+        for name, value in flat.items():
+            g, _, field_name = name.partition('.')
+            if g != group:
+                continue
+            if field_name not in fields:
+                raise ConfigError(f'{path}: unknown parameter {name}; {group} has {", ".join(fields)}')
+            default = fields[field_name]
+            changes[field_name] = (tuple(value) if isinstance(value, list) else
+                                   float(value) if isinstance(default, float) and not isinstance(value, bool)
+                                   else value)
+        if changes:
+            config = dataclasses.replace(config, **{group: dataclasses.replace(current, **changes)})
+    return config
+
+
 def load_map_places(path: str | Path) -> list[tuple[int, int, tuple[float, float, float] | None]]:
     """(place id, stamp ns, position or None) of every place of a saved map."""
     from fol_ros.search.place_map import PlaceMap
@@ -109,6 +156,8 @@ def evaluate_bag(bag: Path, encoder, config: PipelineConfig, opts: BagEvalOption
     from fol_ros.pipeline import Localizer
 
     t_start = time.perf_counter()
+    if opts.params_file:
+        config = apply_node_params(config, opts.params_file)
     config = eval_pipeline_config(config, opts)
     scorer = StreamScorer(radius_m=opts.radius_m, recall_values=opts.recall_values)
     poses = read_pose_track(bag, opts.pose_topic)
@@ -121,7 +170,11 @@ def evaluate_bag(bag: Path, encoder, config: PipelineConfig, opts: BagEvalOption
         for p in place_map.places:
             scorer.add_place(p.place_id, p.stamp_ns, tuple(p.pose.position) if p.pose is not None else None)
     localizer = Localizer(config, encoder=encoder, place_map=place_map, mapping=not opts.map_path)
-    n = replay(read_image_frames(bag, opts.image_topic), poses, localizer, scorer, opts.max_frames)
+    frames = read_image_frames(bag, opts.image_topic)
+    try:
+        n = replay(frames, poses, localizer, scorer, opts.max_frames)
+    finally:
+        frames.close()   # releases the bag reader even when a frame fails or max_frames stops early
     if n == 0:
         raise BadInputError(f'{bag}: no images on {opts.image_topic}')
     info = encoder.info
@@ -149,8 +202,11 @@ def read_pose_track(bag: Path, topic: str) -> PoseTrack:
 def read_image_frames(bag: Path, topic: str) -> Iterator[tuple[int, np.ndarray]]:
     """(header stamp ns, RGB uint8) of every image of `topic`, in bag order."""
     from fol_ros.sources import read_bag_images
-    for stamp_ns, rgb in read_bag_images(bag, topic):
-        yield stamp_ns, rgb
+    images = read_bag_images(bag, topic)
+    try:
+        yield from images
+    finally:
+        images.close()
 
 
 def report_pairs(result: dict, encoder, n: int, threshold: float = 0.7) -> list:
