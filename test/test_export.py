@@ -162,3 +162,23 @@ def test_cli_tensorrt_without_tensorrt_names_the_fix(tmp_path):
     with pytest.raises(EngineError, match='engine=torch|engine=onnxruntime'):
         _cli('tensorrt', '--cache-dir', str(tmp_path))
 
+
+
+def test_real_vits14_export_on_corridor_images(corridor_dir, tmp_path):
+    """The default ViT-S/14 checkpoint, exported and checked on two real frames (about 10-20 s)."""
+    import cv2
+    from fol_ros.model.checkpoint import load_checkpoint
+    from fol_ros.model.weights import default_checkpoint_path
+    from fol_ros.preprocess import preprocess
+    ckpt = default_checkpoint_path()
+    if not ckpt.is_file():
+        pytest.skip(f'default checkpoint not converted yet at {ckpt} (run fol-ros weights)')
+    net, _ = load_checkpoint(ckpt)
+    export_onnx(net, tmp_path / 'vits14.onnx', SIZE)
+    frames = sorted((corridor_dir / 'query').iterdir())[:2]
+    x = preprocess([cv2.imread(str(f))[:, :, ::-1].copy() for f in frames], SIZE)
+    ref = torch_fixed_outputs(net, x)
+    got = tuple(ort_session(tmp_path / 'vits14.onnx').run(None, {INPUT_NAME: x.numpy()}))
+    report = compare_outputs(ref, got, boundary_ties(net, x), cell_patches(SIZE))
+    assert report.ok, report
+    assert report.global_cosine_min >= GLOBAL_COSINE_MIN

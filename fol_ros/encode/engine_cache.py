@@ -219,6 +219,7 @@ class EngineCache:
                 raise EngineError(f'building {key.kind} for {key.backbone} produced no file')
             with open(tmp, 'rb') as f:
                 os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)    # mkstemp makes 0600; a node running as another user must read the cache
             meta = {'key': key.as_dict(), 'size': tmp.stat().st_size, 'sha256': file_sha256(tmp),
                     'created': time.strftime('%Y-%m-%dT%H:%M:%S%z'), 'build_s': round(time.perf_counter() - t0, 2)}
             # Artefact first, then sidecar: a crash in between leaves a sidecar-less file, which check() rejects.
