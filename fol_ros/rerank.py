@@ -7,8 +7,8 @@ local tokens whose cosine similarity is > threshold (0.7, strict). Fixes over th
 #22 tokens stay ragged (no 3600-row padding in storage) and fp16; the similarity workspace is chunked.
 
 The official code builds M = K x L x L at once (5.2 GB for K=100). Here candidates are grouped into chunks,
-padded to the chunk's longest token list with a mask (padding can never be a nearest neighbour), and the query
-tokens are tiled when even one candidate's block exceeds the budget; the running argmax over query tiles keeps
+zero-padded to the chunk's longest token list (padding never yields a pair above a threshold >= 0; it is masked
+out otherwise), and the query tokens are tiled when even one candidate's block exceeds the budget; the running argmax over query tiles keeps
 the first maximum, like torch/numpy argmax.
 """
 from __future__ import annotations
@@ -34,14 +34,14 @@ def _device(device: str) -> torch.device:
     return dev
 
 
-def _mnn_blocks(query: np.ndarray, cands: Sequence[np.ndarray], budget_mb: float, device: str):
+def _mnn_blocks(query: np.ndarray, cands: Sequence[np.ndarray], budget_mb: float, device: str, mask: bool):
     """Yield (candidate indices, best db token per query token i1 [k, Lq], its cosine v1 [k, Lq], mutual [k, Lq])."""
     dev = _device(device)
     dtype = torch.float16 if dev.type == 'cuda' else torch.float32
     q = torch.as_tensor(np.asarray(query), device=dev).to(dtype)
     lq = q.shape[0]
     budget = max(1.0, float(budget_mb)) * 2 ** 20
-    elem = torch.finfo(dtype).bits // 8 + 1   # similarity + mask traffic per element
+    elem = torch.finfo(dtype).bits // 8   # bytes per similarity entry
     start = 0
     while start < len(cands):
         lmax = max(1, max(len(c) for c in cands[start:start + 1]))
@@ -52,30 +52,46 @@ def _mnn_blocks(query: np.ndarray, cands: Sequence[np.ndarray], budget_mb: float
             if (k + 1) * grown * tile * elem > budget:
                 break
             lmax, k = grown, k + 1
-        yield range(start, start + k), *_mnn_chunk(q, cands[start:start + k], lmax, tile, dtype, dev)
+        yield range(start, start + k), *_mnn_chunk(q, cands[start:start + k], lmax, tile, dtype, dev, mask)
         start += k
 
 
-def _mnn_chunk(q: torch.Tensor, cands: Sequence[np.ndarray], lmax: int, tile: int, dtype, dev):
+def _mnn_chunk(q: torch.Tensor, cands: Sequence[np.ndarray], lmax: int, tile: int, dtype, dev, mask: bool):
     k, (lq, d) = len(cands), q.shape
     c = torch.zeros((k, lmax, d), dtype=dtype, device=dev)
-    valid = torch.zeros((k, lmax), dtype=torch.bool, device=dev)
+    ragged = False
     for i, cand in enumerate(cands):
         if len(cand):
             c[i, :len(cand)] = torch.as_tensor(np.asarray(cand), device=dev).to(dtype)
-            valid[i, :len(cand)] = True
-    pad = ~valid[:, :, None]
+        ragged |= len(cand) < lmax
+    # Zero padding rows have cosine 0 with every query token: they can only win for query tokens whose best
+    # real match is <= 0, which never pass a threshold >= 0, and they never change the mutual check of real
+    # rows. So the -inf mask (one extra pass over the block) is only needed for negative thresholds.
+    pad = None
+    if ragged and mask:
+        lens = torch.tensor([len(x) for x in cands], device=dev)
+        pad = (torch.arange(lmax, device=dev)[None] >= lens[:, None])[:, :, None]
     i1 = torch.empty((k, lq), dtype=torch.int64, device=dev)
     v1 = torch.empty((k, lq), dtype=dtype, device=dev)
-    best2 = torch.full((k, lmax), -torch.inf, dtype=dtype, device=dev)
-    i2 = torch.zeros((k, lmax), dtype=torch.int64, device=dev)
+    best2, i2 = None, None
     for t0 in range(0, lq, tile):
-        sim = torch.matmul(c, q[t0:t0 + tile].T).masked_fill_(pad, -torch.inf)   # [k, Lc, t]
-        v1[:, t0:t0 + tile], i1[:, t0:t0 + tile] = sim.max(dim=1)
-        v2, j2 = sim.max(dim=2)
-        better = v2 > best2          # strict: an earlier tile keeps ties (first maximum)
-        best2 = torch.where(better, v2, best2)
-        i2 = torch.where(better, j2 + t0, i2)
+        sim = torch.matmul(c, q[t0:t0 + tile].T)   # [k, Lc, t]
+        if pad is not None:
+            sim.masked_fill_(pad, -torch.inf)
+        idx = sim.argmax(dim=1)
+        i1[:, t0:t0 + tile] = idx
+        v1[:, t0:t0 + tile] = sim.gather(1, idx[:, None]).squeeze(1)
+        j2 = sim.argmax(dim=2)
+        if tile >= lq:
+            i2 = j2
+            break
+        v2 = sim.gather(2, j2[:, :, None]).squeeze(2)
+        if best2 is None:
+            best2, i2 = v2, j2 + t0
+        else:
+            better = v2 > best2          # strict: an earlier tile keeps ties (first maximum)
+            best2 = torch.where(better, v2, best2)
+            i2 = torch.where(better, j2 + t0, i2)
     mutual = i2.gather(1, i1) == torch.arange(lq, device=dev)[None]
     return i1, v1, mutual
 
@@ -97,7 +113,8 @@ def mutual_nn_counts(query_local: np.ndarray, cand_locals: Sequence[np.ndarray],
     if len(cand_locals) == 0 or len(query_local) == 0:
         return counts
     with torch.inference_mode():
-        for idx, _, v1, mutual in _mnn_blocks(query_local, cand_locals, budget_mb, device):
+        for idx, _, v1, mutual in _mnn_blocks(query_local, cand_locals, budget_mb, device,
+                                                  threshold < 0 or single_match_quirk):
             good = (mutual & (v1 > threshold)).sum(1)
             if single_match_quirk:
                 good = torch.where(mutual.sum(1) == 1, torch.zeros_like(good), good)
@@ -111,7 +128,7 @@ def mutual_nn_pairs(query_local: np.ndarray, cand_local: np.ndarray, threshold: 
     if len(query_local) == 0 or len(cand_local) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     with torch.inference_mode():
-        (_, i1, v1, mutual), = _mnn_blocks(query_local, [cand_local], budget_mb, device)
+        (_, i1, v1, mutual), = _mnn_blocks(query_local, [cand_local], budget_mb, device, threshold < 0)
         keep = (mutual & (v1 > threshold))[0]
         iq = torch.nonzero(keep).reshape(-1)
         return iq.cpu().numpy(), i1[0, iq].cpu().numpy()

@@ -44,6 +44,8 @@ def test_counts_equal_reference_on_ragged_random_inputs(seed):
     for budget in (512.0, 1.0, 0.001):             # one chunk; several chunks; query tiling at 1 byte
         got = mutual_nn_counts(q, cands, 0.7, budget_mb=budget)
         assert got.tolist() == ref, budget
+    low = [len(reference_pairs(q, c, thr=-0.5)) for c in cands]   # negative threshold: padding must be masked
+    assert mutual_nn_counts(q, cands, -0.5, budget_mb=0.01).tolist() == low
 
 
 def test_fp16_tokens_and_zero_padding_rows_match_reference():

@@ -148,6 +148,8 @@ class GlobalIndex:
             nlist = min(cfg.ivf_nlist, len(train) // _MIN_PER_LIST)
             if nlist >= 1:
                 index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+                # k-means on <= 64 points per list: 8448-d training on every row of a 100k map takes minutes
+                index.cp.max_points_per_centroid = 64
                 index.train(train)
                 return index
             LOG.warning('IVF needs >= %d descriptors to train, got %d: using exact search instead',
