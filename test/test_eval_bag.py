@@ -68,3 +68,44 @@ def test_node_params_file_applies_stage_settings(tmp_path):
     params.write_text('fol_ros:\n  ros__parameters:\n    gate.min_local_matchez: 12\n')
     with pytest.raises(ConfigError, match='unknown parameter gate.min_local_matchez'):
         apply_node_params(PipelineConfig(), params)
+
+
+def test_fol_ros_eval_bag_localisation_against_a_map(tmp_path, corridor_dir):
+    """The CLI in localisation mode: a map of the first traversal, a bag of the second, the node's params file."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ros_env
+    from fol_ros.encode.torch_engine import TorchEncoder, tiny_test_encoder
+    from fol_ros.model.checkpoint import load_checkpoint, save_checkpoint
+    from fol_ros.search.place_map import PlaceMap
+    from fol_ros.sources import write_bag
+    ckpt = save_checkpoint(tiny_test_encoder(seed=0).net, tmp_path / 'tiny.pth')
+    encoder = TorchEncoder(*load_checkpoint(ckpt, input_size=(294, 294)))
+    refs = [read_rgb(p) for p in sorted((corridor_dir / 'ref').glob('*.jpg'))[:N]]
+    pmap = PlaceMap.create(encoder.info)
+    for i, enc in enumerate(encoder.encode(refs)):
+        pmap.add(enc, i * S, Pose((float(i), 0.0, 0.0)))
+    pmap.save(tmp_path / 'map')
+    queries = [read_rgb(p) for p in sorted((corridor_dir / 'query').glob('*.jpg'))[:N]]
+    t0 = (N + GAP_S) * S
+    bag = write_bag(tmp_path / 'second', [(t0 + i * S, im) for i, im in enumerate(queries)],
+                    [(t0 + i * S, Pose((float(i), 0.0, 0.0))) for i in range(N)], image_topic='/cam',
+                    pose_topic='/odom')
+    params = tmp_path / 'node.yaml'
+    params.write_text('fol_ros:\n  ros__parameters:\n    verify.method: none\n    gate.temporal_consistency: 1\n')
+    out = tmp_path / 'loc.json'
+    proc = subprocess.run([sys.executable, '-m', 'fol_ros.cli', 'eval', '--checkpoint', str(ckpt), '--size', '294',
+                           '--engine', 'torch', '--bag', str(bag), '--image-topic', '/cam', '--pose-topic', '/odom',
+                           '--map', str(tmp_path / 'map'), '--radius', '2', '--rerank-k', '3', '--params',
+                           str(params), '--device', 'cpu', '--pairs', '0', '--out', str(out)],
+                          env=ros_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r['protocol'] == 'bag-localisation' and r['n_places'] == N and r['n_frames_scored'] == N
+    assert [f['positives'] for f in r['queries']] == [list(range(max(0, j - 2), min(N, j + 3))) for j in range(N)]
+    assert all(f['added_place_id'] == -1 for f in r['queries'])           # localisation never grows the map
+    assert r['settings']['pipeline']['gate']['temporal_consistency'] == 1
+    assert r['settings']['pipeline']['verify']['method'] == 'none'
+    assert 'R@1/5/10 global' in proc.stdout and 'loop closure: PR-AUC' in proc.stdout

@@ -17,6 +17,7 @@ def test_pose_track_interpolates_and_refuses_gaps():
     np.testing.assert_allclose(track.at(2 * S), [2.0, 0.0, 0.0])
     np.testing.assert_allclose(track.at(int(2.4 * S)), [2.0, 0.0, 0.0])   # nearest sample within the gap
     assert track.at(6 * S) is None                                        # 4 s from any sample
+    np.testing.assert_allclose(track.nearest(6 * S), [2.0, 0.0, 0.0])   # the node's rule: nearest, any gap
     assert PoseTrack().at(0) is None
 
 

@@ -28,6 +28,8 @@ def register(subparsers) -> None:
                    help="'' = infer from the checkpoint")
     p.add_argument('--size', type=int, default=322, help='square network input size (322 README, 504 paper)')
     p.add_argument('--rerank-k', type=int, default=100, help='candidates re-ranked per query (0 = global only)')
+    p.add_argument('--engine', default='auto', choices=['auto', 'torch', 'onnxruntime', 'tensorrt'],
+                   help="inference back end ('auto' logs its choice)")
     p.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda', 'cuda:N' (encoder and re-ranking)")
     p.add_argument('--precision', default='fp16', choices=['fp32', 'fp16', 'bf16'], help='GPU precision')
     p.add_argument('--out', required=True, metavar='RESULT.json', help='result file')
@@ -54,7 +56,7 @@ def register(subparsers) -> None:
 def _pipeline_config(args: argparse.Namespace):
     from fol_ros.config import EngineConfig, ModelConfig, PipelineConfig, RerankConfig
     model = ModelConfig(checkpoint=args.checkpoint, backbone=args.backbone, input_size=(args.size, args.size))
-    engine = EngineConfig(device=args.device, precision=args.precision)
+    engine = EngineConfig(engine=args.engine, device=args.device, precision=args.precision)
     return PipelineConfig(model=model, engine=engine)
 
 

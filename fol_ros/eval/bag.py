@@ -126,7 +126,9 @@ def replay(frames: Iterable[tuple[int, np.ndarray]], poses: PoseTrack, localizer
         exclusion = localizer.gate.exclusion(stamp_ns)
         positives = (scorer.positives(position, exclusion.max_stamp_ns, exclusion.recent_ids)
                      if position is not None else [])
-        pose = Pose(tuple(float(v) for v in position)) if position is not None else None
+        # The Localizer gets what the node gives it: the odometry sample nearest in time (node._pose_at).
+        nearest = poses.nearest(stamp_ns)
+        pose = Pose(tuple(float(v) for v in nearest)) if nearest is not None else None
         result = localizer.process(rgb, stamp_ns, pose)
         cands = result.candidates
         t = result.timings

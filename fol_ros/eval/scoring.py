@@ -37,6 +37,14 @@ class PoseTrack:
         self._stamps.insert(i, int(stamp_ns))
         self._xyz.insert(i, tuple(float(v) for v in position[:3]))
 
+    def nearest(self, stamp_ns: int) -> np.ndarray | None:
+        """The sample nearest in time, whatever the gap (what the node feeds its Localizer), or None if empty."""
+        if not self._stamps:
+            return None
+        i = bisect.bisect_left(self._stamps, int(stamp_ns))
+        j = min((k for k in (i - 1, i) if 0 <= k < len(self._stamps)), key=lambda k: abs(self._stamps[k] - stamp_ns))
+        return np.asarray(self._xyz[j])
+
     def at(self, stamp_ns: int) -> np.ndarray | None:
         """Position at `stamp_ns`, or None if no sample lies within max_gap_s of it."""
         if not self._stamps:

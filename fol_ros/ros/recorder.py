@@ -5,7 +5,7 @@ It subscribes to the node's PlaceRecognition and LoopClosure outputs and to the 
 latencies), plus the HTML report. Places come from `map_path` when given (every place of the map), else from the
 node's own keyframes (`added_place_id`, positioned with the pose at that frame) and the poses its candidates carry.
 
-    ros2 run fol_ros loop_closure_recorder --ros-args -p pose_topic:=/odom -p out:=live.json -p use_sim_time:=true
+    ros2 run fol_ros loop_closure_recorder --ros-args -p pose_topic:=/odom -p out:=live.json
 """
 from __future__ import annotations
 
@@ -46,8 +46,8 @@ class LoopClosureRecorder(Node):
         p = self.declare_parameter
         self.pr_topic = p('place_recognition_topic', 'place_recognition').value
         self.lc_topic = p('loop_closure_topic', 'loop_closure').value
-        self.pose_topic = p('pose_topic', 'pose').value
-        self.pose_type = p('pose_type', 'geometry_msgs/msg/PoseStamped').value
+        self.pose_topic = p('pose_topic', 'odom').value
+        self.pose_type = p('pose_type', 'nav_msgs/msg/Odometry').value
         self.out = Path(p('out', 'fol_ros_live.json').value)
         self.report = p('report', True).value
         self.radius_m = float(p('radius_m', 25.0).value)
