@@ -59,28 +59,38 @@ def batch_hard_triplets(g: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return a, p, n
 
 
+def _valid_rows(x: torch.Tensor) -> torch.Tensor:
+    """Indices of the non-padding (non-zero) rows of [L, D]."""
+    return torch.nonzero(x.detach().abs().sum(-1) > 0)[:, 0]
+
+
+@torch.no_grad()
+def mutual_nn_pairs(query: torch.Tensor, db: torch.Tensor, threshold: float = RERANK_THRESHOLD
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row indices (iq, idb) of the mutual-NN pairs with cosine > threshold (§9.2); zero padding rows are skipped
+    (they can never form a pair above a positive threshold, so the pair set is unchanged)."""
+    vq, vd = _valid_rows(query), _valid_rows(db)
+    empty = torch.zeros(0, dtype=torch.long, device=query.device)
+    if len(vq) == 0 or len(vd) == 0:
+        return empty, empty
+    sim = db[vd].float() @ query[vq].float().T                  # [Ld, Lq]
+    best_db = sim.argmax(0)                                     # best db token of each query token
+    best_q = sim.argmax(1)                                      # best query token of each db token
+    iq = torch.nonzero(best_q[best_db] == torch.arange(len(vq), device=sim.device))[:, 0]
+    idb = best_db[iq]
+    keep = sim[idb, iq] > threshold
+    return vq[iq[keep]], vd[idb[keep]]
+
+
 def mutual_nn_similarity(query: torch.Tensor, db: torch.Tensor, threshold: float = RERANK_THRESHOLD) -> torch.Tensor:
     """Training variant of the re-ranking score (§9.2): mean cosine over mutual-NN pairs with cosine > threshold.
 
-    query: [Lq, D], db: [Ld, D], L2-normalised rows; all-zero padding rows are dropped first (they can never
-    form a pair above a positive threshold, so the result is unchanged). Differentiable through the kept pairs.
+    query: [Lq, D], db: [Ld, D], L2-normalised rows, zero rows = padding. Differentiable through the kept pairs.
     Fixes: an empty pair set gives 0 instead of NaN (§14 #14); a single mutual NN counts as a pair (§14 #9).
     """
-    query = query[query.detach().abs().sum(-1) > 0]
-    db = db[db.detach().abs().sum(-1) > 0]
-    zero = (query.sum() + db.sum()) * 0.0   # keeps the graph (and the dtype) when nothing matches
-    if len(query) == 0 or len(db) == 0:
-        return zero
-    with torch.no_grad():
-        sim = db.float() @ query.float().T                      # [Ld, Lq]
-        best_db = sim.argmax(0)                                 # best db token of each query token
-        best_q = sim.argmax(1)                                  # best query token of each db token
-        iq = torch.nonzero(best_q[best_db] == torch.arange(len(query), device=sim.device))[:, 0]
-        idb = best_db[iq]
-        keep = sim[idb, iq] > threshold
-        iq, idb = iq[keep], idb[keep]
+    iq, idb = mutual_nn_pairs(query, db, threshold)
     if len(iq) == 0:
-        return zero
+        return (query.sum() + db.sum()) * 0.0   # keeps the graph when nothing matches
     return (query[iq].float() * db[idb].float()).sum(-1).mean()
 
 
@@ -88,15 +98,29 @@ def local_triplet_loss(g: torch.Tensor, local: torch.Tensor, labels: torch.Tenso
                        threshold: float = RERANK_THRESHOLD) -> torch.Tensor:
     """L_MNN: Σ over BatchHard triplets of max(0, sim(a, n) − sim(a, p)), margin 0, a sum (not a mean).
 
-    g: [B, D] (only mines the triplets); local: [B, L, 128] padded, normalised local tokens.
+    g: [B, D] (only mines the triplets); local: [B, L, 128] padded, normalised local tokens. All pairs of all
+    triplets are gathered in one indexing op (one backward scatter instead of one per pair).
     """
     a, p, n = batch_hard_triplets(g, labels)
-    total = local.sum() * 0.0
-    for ia, ip, ineg in zip(a.tolist(), p.tolist(), n.tolist()):
-        s_pos = mutual_nn_similarity(local[ia], local[ip], threshold)
-        s_neg = mutual_nn_similarity(local[ia], local[ineg], threshold)
-        total = total + F.relu(s_neg - s_pos)
-    return total
+    length = local.shape[1]
+    rows_q, rows_d, segs = [], [], []
+    for t, (ia, ip, ineg) in enumerate(zip(a.tolist(), p.tolist(), n.tolist())):
+        for s, other in ((2 * t, ip), (2 * t + 1, ineg)):
+            iq, idb = mutual_nn_pairs(local[ia], local[other], threshold)
+            rows_q.append(ia * length + iq)
+            rows_d.append(other * length + idb)
+            segs.append(torch.full_like(iq, s))
+    zero = local.sum() * 0.0
+    if not segs or sum(len(x) for x in segs) == 0:
+        return zero
+    flat = local.reshape(-1, local.shape[-1]).float()
+    seg = torch.cat(segs)
+    dots = (flat[torch.cat(rows_q)] * flat[torch.cat(rows_d)]).sum(-1)
+    nseg = 2 * len(a)
+    sums = torch.zeros(nseg, dtype=dots.dtype, device=dots.device).index_add(0, seg, dots)
+    counts = torch.bincount(seg, minlength=nseg).to(dots.dtype)
+    sims = sums / counts.clamp(min=1)          # empty pair set -> 0 (§14 #14)
+    return zero + F.relu(sims[1::2] - sims[0::2]).sum()
 
 
 def _groups(labels: torch.Tensor) -> list[list[int]]:
@@ -206,6 +230,9 @@ def _field(out: Any, name: str) -> Any:
 
 
 def _ws(out: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(f_norm, p, local_all): fields of the output, or its official `ws_info` triple."""
+    if (isinstance(out, dict) and 'f_norm' in out) or hasattr(out, 'f_norm'):
+        return _field(out, 'f_norm'), _field(out, 'p'), _field(out, 'local_all')
     ws = _field(out, 'ws_info')
     if isinstance(ws, (tuple, list)):
         return ws[0], ws[1], ws[2]
