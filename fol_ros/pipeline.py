@@ -229,7 +229,7 @@ class Localizer:
             if len(iq) < cfg.min_matches:
                 continue  # too few pairs for RANSAC: 0 inliers
             geometry = verify_pair(encoding.local_xy[iq], local_xy[ic], cfg)
-            cand.geometric_inliers = int(geometry.inliers)
+            cand.geometric_inliers = geometry.num_inliers
             cand.relative_pose = geometry.relative_pose
         return verified
 

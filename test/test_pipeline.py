@@ -40,7 +40,9 @@ class SceneEncoder:
             g = _unit(self.globals[scene] + 0.3 / 92 * rng.normal(size=8448))  # noise of norm ~0.3
             local = _unit(self.locals[scene] + 0.3 / 11 * rng.normal(size=self.locals[scene].shape))
             n = len(local)
-            xy = np.stack([np.arange(n) % 8 * 10.0, np.arange(n) // 8 * 10.0], 1).astype(np.float32)
+            # token pixels move with the view by an affine map, so views of a scene are related by a homography
+            grid = np.stack([np.arange(n) % 8 * 10.0, np.arange(n) // 8 * 10.0], 1)
+            xy = (grid * (1.0 + 0.01 * view) + view).astype(np.float32)
             out.append(Encoding(g, local, np.arange(n, dtype=np.int32), xy, (6, 8), (60, 80)))
         return out
 
@@ -158,6 +160,21 @@ def test_loop_closure_in_one_mapping_session_only_outside_the_exclusion_window(e
     assert accepted and accepted[0][0] == 61
     assert all(place == t - 60 for t, place in accepted)
     assert len(accepted) == 5
+
+
+def test_geometric_verification_counts_inliers_and_gates_on_them(encoder):
+    cfg = config(min_inliers=20, temporal_consistency=1)
+    cfg = PipelineConfig(**{**cfg.__dict__, 'verify': VerifyConfig(method='homography', top_k=2)})
+    result = Localizer(cfg, encoder, prebuilt_map(encoder)).process(frame(4, view=9), 1000 * S)
+    best, second = result.candidates[:2]
+    assert best.place_id == 4 and best.geometric_inliers >= 40   # 48 tokens, all pairs on the same affine map
+    assert second.geometric_inliers < 20 and result.candidates[2].geometric_inliers == 0   # only top_k verified
+    assert result.timings.verify_ms > 0 and result.loop_closure.accepted
+    unverified = Localizer(config(temporal_consistency=1), encoder, prebuilt_map(encoder)).process(frame(4, 9), 1000 * S)
+    assert unverified.candidates[0].confidence > best.confidence   # the inlier factor n / (n + 8) < 1
+    strict = PipelineConfig(**{**cfg.__dict__, 'gate': GateConfig(min_inliers=100, temporal_consistency=1)})
+    rejected = Localizer(strict, encoder, prebuilt_map(encoder)).process(frame(4, view=9), 1000 * S)
+    assert not rejected.loop_closure.accepted and 'geometric inliers' in rejected.loop_closure.reason
 
 
 def test_real_tiny_encoder_end_to_end():

@@ -359,9 +359,9 @@ def main(args: list[str] | None = None) -> int:
     end = argv.index('--ros-args') if '--ros-args' in argv else len(argv)
     if '--params-file' in argv[:end]:
         i = argv.index('--params-file')
-        path = argv[i + 1] if i + 1 < len(argv) else ''
-        del argv[i:i + 2]
-        argv += ['--ros-args', '--params-file', path]
+        path = argv[i + 1] if i + 1 < end else ''
+        # the file goes first: -p overrides given after --ros-args must win over it
+        argv = [*argv[:i], *argv[i + 2:end], '--ros-args', '--params-file', path, '--', *argv[end:]]
     rclpy.init(args=argv)
     node = None
     executor = MultiThreadedExecutor(num_threads=4)
