@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from fol_ros.config import EngineConfig, ModelConfig
-from fol_ros.encode import base
 from fol_ros.encode.base import Encoder, auto_plan, create_encoder
 from fol_ros.encode.engine_cache import EngineCache
 from fol_ros.encode.export import boundary_ties, cell_patches

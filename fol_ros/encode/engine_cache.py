@@ -70,7 +70,8 @@ class ArtifactKey:
         if self.kind not in _EXTENSIONS:
             raise EngineError(f'artefact kind {self.kind!r} is not one of {", ".join(_EXTENSIONS)}')
         if not self.model_sha256:
-            raise EngineError('cannot cache an artefact for a model without a checkpoint hash (ModelInfo.checkpoint_sha256)')
+            raise EngineError('cannot cache an artefact for a model without a checkpoint hash '
+                              '(ModelInfo.checkpoint_sha256)')
         object.__setattr__(self, 'input_size', tuple(int(v) for v in self.input_size))
         object.__setattr__(self, 'batch_range', tuple(int(v) for v in self.batch_range))
 
