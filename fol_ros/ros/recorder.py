@@ -79,7 +79,8 @@ class LoopClosureRecorder(Node):
     def _on_place_recognition(self, msg: PlaceRecognition) -> None:
         self.frames.append(msg)
         if self.log_every > 0 and len(self.frames) % self.log_every == 0:
-            self.get_logger().info(f'frames received: {len(self.frames)}')
+            self.get_logger().info(f'frames received: {len(self.frames)} '
+                                   f'(last stamp {stamp_ns(msg.header.stamp)} ns)')
 
     def finish(self) -> dict:
         """Score everything received (frames in stamp order, ground truth as `fol-ros eval --bag`) and write it."""
