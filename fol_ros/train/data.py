@@ -140,26 +140,26 @@ def pose_places(images: Sequence[ImageRef], positions: np.ndarray, cell_m: float
     return [Place(k, [images[i] for i in m], f'cell{k}') for k, m in enumerate(members)]
 
 
-def rosbag_places(bag: str | Path, image_topic: str = '', pose_topic: str = '', cell_m: float = 5.0,
+def rosbag_places(bag: str | Path, image_topic: str, pose_topic: str, cell_m: float = 5.0,
                   min_images: int = 2, stride: int = 1) -> list[Place]:
-    """Places from a rosbag2 with camera images and poses, read with fol_ros.sources (pose-cell clusters)."""
-    try:
-        from fol_ros import sources
-    except ImportError as exc:
-        raise ConfigError('rosbag training data needs fol_ros.sources, which is not in this build') from exc
-    reader = getattr(sources, 'read_bag_frames', None) or getattr(sources, 'iter_bag_frames', None)
-    if reader is None:
-        raise ConfigError('fol_ros.sources has no bag frame reader (read_bag_frames/iter_bag_frames)')
+    """Places from a rosbag2 with camera images and poses (fol_ros.sources): frames clustered on a grid of
+    `cell_m` metres; frames without a pose within the sources' tolerance are skipped. Images stay in memory."""
+    from fol_ros.sources import read_bag_frames
+
+    if not image_topic or not pose_topic:
+        raise ConfigError('a rosbag training source needs image_topic and pose_topic (places come from poses)')
     images, xy = [], []
-    for i, frame in enumerate(reader(str(bag), image_topic=image_topic, pose_topic=pose_topic)):
-        pose = getattr(frame, 'pose', None)
-        if i % stride or pose is None:
+    for i, frame in enumerate(read_bag_frames(bag, image_topic, pose_topic)):
+        if i % stride or frame.pose is None:
             continue
-        images.append(getattr(frame, 'image_rgb', None) if hasattr(frame, 'image_rgb') else frame.image)
-        xy.append((pose.x, pose.y))
+        images.append(frame.image)
+        xy.append(frame.pose.position[:2])
     if not images:
-        raise ConfigError(f'{bag}: no frames with a pose (image topic {image_topic!r}, pose topic {pose_topic!r})')
-    return pose_places(images, np.asarray(xy), cell_m, min_images)
+        raise ConfigError(f'{bag}: no frames of {image_topic} with a pose from {pose_topic}')
+    places = pose_places(images, np.asarray(xy), cell_m, min_images)
+    log.info('%s: %d posed frames -> %d places of >= %d frames (cell %.1f m)', bag, len(images), len(places),
+             min_images, cell_m)
+    return places
 
 
 def train_tensor(rgb: np.ndarray, size: tuple[int, int], transform: str = 'test') -> torch.Tensor:
