@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -105,7 +106,8 @@ def machine() -> dict:
         pass
     return {'host': platform.node(), 'cpu': cpu, 'torch_threads': torch.get_num_threads(),
             'python': platform.python_version(), 'torch': torch.__version__, 'numpy': np.__version__,
-            'utc': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}
+            'utc': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
+            'load_average_1m_at_start': os.getloadavg()[0], 'cpu_count': os.cpu_count()}
 
 
 HEADER = f'{"L":>5} {"pad":>5} {"K":>4} {"ours ms":>9} {"dense ms":>9} {"speedup":>8} {"dense MB":>9} {"agree":>6}'

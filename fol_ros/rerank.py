@@ -8,8 +8,8 @@ local tokens whose cosine similarity is > threshold (0.7, strict). Fixes over th
 
 The official code builds M = K x L x L at once (5.2 GB for K=100). Here candidates are grouped into chunks,
 zero-padded to the chunk's longest token list (padding never yields a pair above a threshold >= 0; it is masked
-out otherwise), and the query tokens are tiled when even one candidate's block exceeds the budget; the running argmax over query tiles keeps
-the first maximum, like torch/numpy argmax.
+out otherwise), and the query tokens are tiled when even one candidate's block exceeds the budget; the
+running argmax over query tiles keeps the first maximum, like torch/numpy argmax.
 """
 from __future__ import annotations
 

@@ -105,7 +105,8 @@ def map_summary(path: str | Path, verify: str = 'full') -> dict:
     places = pmap.places
     return {
         'path': str(path), 'format_version': meta['format_version'], 'model': meta['model'],
-        'global': f"{meta['global_dim']} x {meta['global_dtype']}", 'local': f"L x {meta['local_dim']} {meta['local_dtype']}",
+        'global': f"{meta['global_dim']} x {meta['global_dtype']}",
+        'local': f"L x {meta['local_dim']} {meta['local_dtype']}",
         'created': meta['created'], 'places': len(pmap), 'places_in_base': meta['count'],
         'places_with_pose': sum(p.pose is not None for p in places),
         'pose_frames': sorted({p.pose.frame_id for p in places if p.pose is not None}),

@@ -111,7 +111,8 @@ def load_map(cls, path: Path, expect: ModelInfo | None, verify: str) -> 'pm.Plac
         raise MapMismatchError(
             f'map {path} was built with model {model.fingerprint} ({model.label or model.backbone}) but the running '
             f'model is {expect.fingerprint} ({expect.label or expect.backbone}); descriptors of different models are '
-            'not comparable. Run with the map\'s checkpoint and input size, or rebuild the map with `fol-ros map build`')
+            'not comparable. Run with the map\'s checkpoint and input size, or rebuild the map with '
+            '`fol-ros map build`')
     verify_files(path, meta, verify)
     pmap = cls(model, meta['global_dim'], meta['local_dim'])
     pmap.path = path
@@ -132,7 +133,8 @@ def _load_base(pmap: 'pm.PlaceMap', path: Path, meta: dict) -> None:
                      for f in ('local.npy', 'local_index.npy', 'local_xy.npy'))
     except ValueError as exc:
         raise MapError(f'{path}: an array file is unreadable ({exc}); the map is damaged') from exc
-    expected = {'globals.npy': (g, (n, pmap.global_dim), np.float32), 'local_offsets.npy': (offsets, (n + 1,), np.int64),
+    expected = {'globals.npy': (g, (n, pmap.global_dim), np.float32),
+                'local_offsets.npy': (offsets, (n + 1,), np.int64),
                 'local.npy': (base[0], (total, pmap.local_dim), np.float16),
                 'local_index.npy': (base[1], (total,), np.int32), 'local_xy.npy': (base[2], (total, 2), np.float32)}
     for name, (arr, shape, dtype) in expected.items():
