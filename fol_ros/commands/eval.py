@@ -54,7 +54,7 @@ def register(subparsers) -> None:
 
 
 def _pipeline_config(args: argparse.Namespace):
-    from fol_ros.config import EngineConfig, ModelConfig, PipelineConfig, RerankConfig
+    from fol_ros.config import EngineConfig, ModelConfig, PipelineConfig
     model = ModelConfig(checkpoint=args.checkpoint, backbone=args.backbone, input_size=(args.size, args.size))
     engine = EngineConfig(engine=args.engine, device=args.device, precision=args.precision)
     return PipelineConfig(model=model, engine=engine)

@@ -12,14 +12,13 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from fol_ros.errors import BadInputError
+from fol_ros.sources import IMAGE_SUFFIXES, read_image
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff')
 DEFAULT_RADIUS_M = 25.0
 
 
@@ -130,8 +129,5 @@ def load_dataset(root: str | Path, *, queries: str = '', radius_m: float = DEFAU
 
 
 def read_rgb(path: Path) -> np.ndarray:
-    """Decode an image file to RGB uint8 (H, W, 3)."""
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise BadInputError(f'{path}: cannot decode the image (missing, empty or not an image file)')
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    """Decode an image file to RGB uint8 (H, W, 3); the same reader map building uses."""
+    return read_image(path)

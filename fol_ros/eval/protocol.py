@@ -122,6 +122,7 @@ def evaluate_dataset(ds: VprDataset, encoder, opts: DatasetEvalOptions = Dataset
         ids, dists = search_exact(db_g, q_g, k)
         samples['search'] = [(time.perf_counter() - t0) * 1e3 / len(q_g)] * len(q_g)
         pred_rerank, top_scores = [], []
+        last_log = time.perf_counter()
         for qi in range(len(q_g)):
             row = ids[qi]
             if rerank_k:
@@ -135,8 +136,11 @@ def evaluate_dataset(ds: VprDataset, encoder, opts: DatasetEvalOptions = Dataset
                 top_scores.append([])
             if on_query is not None:
                 on_query(qi + 1, len(q_g))
-            if rerank_k and ((qi + 1) % 100 == 0 or qi + 1 == len(q_g)):
-                log.info('re-ranked %d/%d queries', qi + 1, len(q_g))
+            if rerank_k and (time.perf_counter() - last_log > 30 or qi + 1 == len(q_g)):
+                last_log = time.perf_counter()
+                done_ms = sum(samples['rerank'])
+                log.info('re-ranked %d/%d queries (%.2f s per query, ETA %.0f s)', qi + 1, len(q_g),
+                         done_ms / 1e3 / (qi + 1), done_ms / 1e3 / (qi + 1) * (len(q_g) - qi - 1))
         db_store.close()
         q_store.close()
     return _result(ds, encoder, opts, k, rerank_k, ids, dists, pred_rerank, top_scores, samples, t_start)
