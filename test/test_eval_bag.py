@@ -3,7 +3,8 @@ frame) replayed through the node's Localizer in mapping mode and scored against 
 import pytest
 
 from fol_ros.config import GateConfig, PipelineConfig, VerifyConfig
-from fol_ros.eval.bag import BagEvalOptions, apply_node_params, evaluate_bag
+from fol_ros.eval.bag import BagEvalOptions, apply_node_params, evaluate_bag, report_pairs
+from fol_ros.eval.report import write_report
 from fol_ros.errors import ConfigError
 from fol_ros.eval.datasets import read_rgb
 from fol_ros.records import Pose
@@ -32,7 +33,7 @@ def tiny_encoder():
     return tiny_test_encoder(seed=0)
 
 
-def test_bag_mapping_mode_end_to_end(corridor_bag, tiny_encoder):
+def test_bag_mapping_mode_end_to_end(corridor_bag, tiny_encoder, tmp_path):
     config = PipelineConfig(gate=GateConfig(exclude_recent_places=3), verify=VerifyConfig(method='none'))
     opts = BagEvalOptions(image_topic='/cam', pose_topic='/odom', radius_m=2.0, exclude_recent_s=10.0, rerank_k=3,
                           recall_values=(1, 5, 10))
@@ -56,6 +57,10 @@ def test_bag_mapping_mode_end_to_end(corridor_bag, tiny_encoder):
     assert set(r['loop_closure']['curves']) == {'confidence', 'local_matches', 'global_similarity'}
     assert {'encode', 'search', 'rerank', 'total'} <= set(r['latency_ms'])
     assert r['settings']['pipeline']['rerank']['top_k'] == 3
+    views = report_pairs(r, tiny_encoder, 2)           # frames re-read from the bag by stamp
+    assert len(views) == 2 and views[0].query_rgb.shape == (120, 160, 3) and len(views[0].query_xy) > 0
+    page = write_report(r, tmp_path / 'bag.html', views).read_text()
+    assert page.count('data:image/png;base64,') >= 4 and 'Loop closure' in page
 
 
 def test_node_params_file_applies_stage_settings(tmp_path):
