@@ -6,6 +6,8 @@ source patch is selected becomes a token, in row-major order.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -29,12 +31,15 @@ def legacy_nearest_map(src: int, dst: int) -> np.ndarray:
     return np.minimum(idx, src - 1)
 
 
+@functools.lru_cache(maxsize=32)
 def local_cell_to_patch(h: int, w: int) -> np.ndarray:
     """[H'*W'] flat patch index (row-major on the h x w grid) of each local cell (row-major on H' x W')."""
     hp, wp = local_grid_size(h, w)
     rows = legacy_nearest_map(h, hp)
     cols = legacy_nearest_map(w, wp)
-    return (rows[:, None] * w + cols[None, :]).reshape(-1)
+    out = (rows[:, None] * w + cols[None, :]).reshape(-1)
+    out.flags.writeable = False   # cached: shared by every call
+    return out
 
 
 def local_features(upconv: nn.ConvTranspose2d, upconv2: nn.ConvTranspose2d, f: torch.Tensor) -> torch.Tensor:
@@ -81,7 +86,7 @@ def select_tokens_fixed(x0: torch.Tensor, selected: torch.Tensor, h: int, w: int
     """
     b, hp, wp, d = x0.shape
     n = hp * wp
-    cell_patch = torch.from_numpy(local_cell_to_patch(h, w)).to(x0.device)
+    cell_patch = torch.tensor(local_cell_to_patch(h, w), device=x0.device)
     patch_mask = torch.zeros(b, h * w, dtype=x0.dtype, device=x0.device).scatter(1, selected, 1.0)
     cell_mask = patch_mask[:, cell_patch].float()                                # [B, N]
     position = torch.arange(n, 0, -1, device=x0.device, dtype=torch.float32)     # N .. 1 (exact in fp32 below 2^24)
