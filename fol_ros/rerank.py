@@ -34,11 +34,16 @@ def _device(device: str) -> torch.device:
     return dev
 
 
+def _tensor(arr: np.ndarray, dtype: torch.dtype, dev: torch.device) -> torch.Tensor:
+    # np.array copies: map tokens are read-only memory maps, which torch.as_tensor warns about
+    return torch.from_numpy(np.array(arr, dtype=np.float16 if dtype == torch.float16 else np.float32)).to(dev)
+
+
 def _mnn_blocks(query: np.ndarray, cands: Sequence[np.ndarray], budget_mb: float, device: str, mask: bool):
     """Yield (candidate indices, best db token per query token i1 [k, Lq], its cosine v1 [k, Lq], mutual [k, Lq])."""
     dev = _device(device)
     dtype = torch.float16 if dev.type == 'cuda' else torch.float32
-    q = torch.as_tensor(np.asarray(query), device=dev).to(dtype)
+    q = _tensor(query, dtype, dev)
     lq = q.shape[0]
     budget = max(1.0, float(budget_mb)) * 2 ** 20
     elem = torch.finfo(dtype).bits // 8   # bytes per similarity entry
@@ -62,7 +67,7 @@ def _mnn_chunk(q: torch.Tensor, cands: Sequence[np.ndarray], lmax: int, tile: in
     ragged = False
     for i, cand in enumerate(cands):
         if len(cand):
-            c[i, :len(cand)] = torch.as_tensor(np.asarray(cand), device=dev).to(dtype)
+            c[i, :len(cand)] = _tensor(cand, dtype, dev)
         ragged |= len(cand) < lmax
     # Zero padding rows have cosine 0 with every query token: they can only win for query tokens whose best
     # real match is <= 0, which never pass a threshold >= 0, and they never change the mutual check of real

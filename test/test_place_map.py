@@ -111,6 +111,15 @@ def test_append_log_survives_reload_and_compaction(tmp_path):
     _same_tokens(final, 5, encs[0])
 
 
+def test_one_appender_at_a_time(tmp_path):
+    first = PlaceMap.open_append(tmp_path / 'live', MODEL, global_dim=GD, local_dim=LD)
+    with pytest.raises(MapError, match='already open for appending'):
+        PlaceMap.open_append(tmp_path / 'live')
+    assert len(PlaceMap.load(tmp_path / 'live')) == 0          # readers are not blocked
+    first.close()
+    PlaceMap.open_append(tmp_path / 'live').close()
+
+
 def test_torn_last_record_loses_only_that_place(tmp_path, caplog):
     rng = np.random.default_rng(2)
     path = tmp_path / 'live'

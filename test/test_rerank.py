@@ -1,4 +1,6 @@
 """FoL re-ranking equals a slow, obviously correct reference (fol-method §9.2 + §14 fixes)."""
+import warnings
+
 import numpy as np
 import pytest
 
@@ -54,7 +56,11 @@ def test_fp16_tokens_and_zero_padding_rows_match_reference():
     cands = [_related(rng, q.astype(np.float32), 50, 0.5, 0.2).astype(np.float16) for _ in range(4)]
     padded = np.concatenate([q, np.zeros((10, 32), np.float16)])   # official zero padding never counts
     ref = [len(reference_pairs(q.astype(np.float32), c.astype(np.float32))) for c in cands]
-    assert mutual_nn_counts(q, cands).tolist() == ref
+    for c in cands:
+        c.setflags(write=False)                     # map tokens are read-only memory maps
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        assert mutual_nn_counts(q, cands).tolist() == ref
     assert mutual_nn_counts(padded, cands).tolist() == ref
 
 

@@ -13,6 +13,7 @@ Directory layout (format version 1; no pickle anywhere, every .npy is loaded wit
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import mmap
@@ -257,6 +258,13 @@ class PlaceMap:
         path = self.path / LOG_NAME
         created = not path.exists()
         self._log_file = open(path, 'ab')
+        try:   # one writer per map: a second appender would interleave records
+            fcntl.flock(self._log_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._log_file.close()
+            self._log_file = None
+            raise MapError(f'{self.path} is already open for appending by another process (or PlaceMap); '
+                           'close it first (a running node in mapping mode holds it)') from None
         self._log_file.truncate(self._log_size)   # drop a torn tail so new records follow good ones
         self._durable = durable
         if created:
