@@ -155,14 +155,17 @@ def print_table(rows: list[dict]) -> None:
            f'{"encode":>7}  note'
     print(head)
     print('-' * len(head))
+    skipped = {}
     for r in rows:
-        if 'skipped' in r:
-            print(f'{r["backbone"]:8} {r["engine"]:17} {r["batch"]:>5} {"skipped":>9}  {r["skipped"][:70]}')
+        if 'skipped' in r:   # one line per (backbone, engine), whatever the batches
+            skipped.setdefault((r['backbone'], r['engine'], r['skipped']), []).append(str(r['batch']))
             continue
         sp = r.get('speedup_vs_torch', '')
         enc = r.get('encode_ms', '')
         print(f'{r["backbone"]:8} {r["engine"]:17} {r["batch"]:>5} {r["latency_ms"]:>9.1f} {r["per_image_ms"]:>8.1f} '
               f'{r["throughput_img_s"]:>7.2f} {sp!s:>8} {enc!s:>7}  {r["note"]}')
+    for (backbone, engine, why), batches in skipped.items():
+        print(f'{backbone:8} {engine:17} {",".join(batches):>5} {"skipped":>9}  {why[:80]}')
 
 
 def main() -> int:
