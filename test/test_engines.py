@@ -87,6 +87,16 @@ def test_onnxruntime_cuda_needs_the_gpu_build():
         providers_for('cuda')
 
 
+def test_onnxruntime_cuda_provider_gets_the_device_index(monkeypatch):
+    monkeypatch.setattr('fol_ros.encode.onnx_engine.onnxruntime_providers',
+                        lambda: ['CUDAExecutionProvider', 'CPUExecutionProvider'])
+    assert providers_for('cuda:1') == [('CUDAExecutionProvider', {'device_id': 1}), 'CPUExecutionProvider']
+    assert providers_for('cpu') == ['CPUExecutionProvider']
+    monkeypatch.setattr('fol_ros.encode.onnx_engine.onnxruntime_providers', lambda: [])
+    with pytest.raises(EngineError, match='pip install onnxruntime'):
+        providers_for('cpu')
+
+
 @pytest.fixture
 def tiny_ckpt(tmp_path):
     from fol_ros.model.checkpoint import save_checkpoint

@@ -116,7 +116,7 @@ def export_onnx(net: nn.Module, path: pathlib.Path | str, input_size: tuple[int,
              pathlib.Path(path).stat().st_size / 1e6)
 
 
-def ort_session(path: pathlib.Path | str, providers: list[str] | None = None, threads: int = 0):
+def ort_session(path: pathlib.Path | str, providers: list | None = None, threads: int = 0):
     """An onnxruntime.InferenceSession with full graph optimisation (CPU provider unless `providers` says otherwise)."""
     try:
         import onnxruntime as ort

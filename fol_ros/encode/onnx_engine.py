@@ -30,7 +30,7 @@ def onnxruntime_providers() -> list[str]:
     return list(ort.get_available_providers())
 
 
-def providers_for(device: str) -> list[str]:
+def providers_for(device: str) -> list:
     """ONNX Runtime providers for 'cpu' or 'cuda[:N]'; raises EngineError when CUDA is asked for but absent."""
     available = onnxruntime_providers()
     if not available:
@@ -39,7 +39,8 @@ def providers_for(device: str) -> list[str]:
         if 'CUDAExecutionProvider' not in available:
             raise EngineError(f'device={device} with engine=onnxruntime needs the onnxruntime-gpu build '
                               f'(this one offers {", ".join(available)}); use device=cpu or engine=torch')
-        return ['CUDAExecutionProvider', 'CPUExecutionProvider']
+        index = int(device.split(':')[1]) if ':' in device else 0
+        return [('CUDAExecutionProvider', {'device_id': index}), 'CPUExecutionProvider']
     return ['CPUExecutionProvider']
 
 
