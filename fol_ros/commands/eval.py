@@ -27,7 +27,9 @@ def register(subparsers) -> None:
     p.add_argument('--backbone', default='', choices=['', 'vits14', 'vitb14', 'vitl14'],
                    help="'' = infer from the checkpoint")
     p.add_argument('--size', type=int, default=322, help='square network input size (322 README, 504 paper)')
-    p.add_argument('--rerank-k', type=int, default=100, help='candidates re-ranked per query (0 = global only)')
+    p.add_argument('--rerank-k', type=int, default=None,
+                   help='candidates re-ranked per query, 0 = global only (default: 100 for --dataset as in the '
+                        "paper; the node's rerank.top_k for --bag)")
     p.add_argument('--engine', default='auto', choices=['auto', 'torch', 'onnxruntime', 'tensorrt'],
                    help="inference back end ('auto' logs its choice)")
     p.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda', 'cuda:N' (encoder and re-ranking)")
@@ -47,8 +49,9 @@ def register(subparsers) -> None:
     b.add_argument('--image-topic', default='', help='sensor_msgs/Image or CompressedImage topic')
     b.add_argument('--pose-topic', default='', help='PoseStamped, PoseWithCovarianceStamped, Odometry or TF')
     b.add_argument('--map', default='', help="place map to localise against ('' = single traversal, mapping mode)")
-    b.add_argument('--exclude-recent-s', type=float, default=30.0,
-                   help='mapping mode: places newer than this many seconds are not loop-closure targets')
+    b.add_argument('--exclude-recent-s', type=float, default=None,
+                   help="places newer than this many seconds are neither candidates nor positives (default: the "
+                        "node's gate.exclude_recent_s, 30)")
     b.add_argument('--params', default='', help='node parameter YAML (the settings the node runs with)')
     p.set_defaults(func=run)
 
@@ -83,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         from fol_ros.eval.datasets import load_dataset
         from fol_ros.eval.protocol import DatasetEvalOptions, evaluate_dataset, report_pairs
         ds = load_dataset(args.dataset, queries=args.queries, radius_m=args.radius)
-        opts = DatasetEvalOptions(rerank_k=args.rerank_k, recall_values=tuple(args.recall_values),
+        opts = DatasetEvalOptions(rerank_k=100 if args.rerank_k is None else args.rerank_k, recall_values=tuple(args.recall_values),
                                   batch_size=args.batch_size, memory_budget_mb=args.rerank_budget_mb,
                                   rerank_device=resolve_device(args.device), work_dir=args.work_dir)
         result = evaluate_dataset(ds, encoder, opts)

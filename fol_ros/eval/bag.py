@@ -34,8 +34,9 @@ class BagEvalOptions:
         Odometry or TransformStamped).
     map_path: a place map to localise against; '' = mapping mode (single traversal, loop closure).
     radius_m: D, the positive radius in metres.
-    exclude_recent_s: T, places newer than the query stamp minus T are neither candidates nor positives.
-    rerank_k: candidates re-ranked per frame (0 disables re-ranking).
+    exclude_recent_s: T, places newer than the query stamp minus T are neither candidates nor positives
+        (None = the pipeline config's gate.exclude_recent_s).
+    rerank_k: candidates re-ranked per frame, 0 disables re-ranking (None = the config's rerank settings).
     max_frames: stop after this many images (0 = all).
     """
 
@@ -43,22 +44,30 @@ class BagEvalOptions:
     pose_topic: str
     map_path: str = ''
     radius_m: float = 25.0
-    exclude_recent_s: float = 30.0
-    rerank_k: int = 100
+    exclude_recent_s: float | None = None
+    rerank_k: int | None = None
     recall_values: tuple[int, ...] = RECALL_VALUES
     max_frames: int = 0
     params_file: str = ''
 
     def __post_init__(self) -> None:
-        if self.rerank_k < 0 or self.max_frames < 0:
+        if (self.rerank_k is not None and self.rerank_k < 0) or self.max_frames < 0:
             raise ConfigError('rerank_k and max_frames must be >= 0')
 
 
 def eval_pipeline_config(config: PipelineConfig, opts: BagEvalOptions) -> PipelineConfig:
-    """The node's configuration with the evaluation's re-ranking depth and recent-place window applied."""
-    rerank = dataclasses.replace(config.rerank, enabled=opts.rerank_k > 0, top_k=max(opts.rerank_k, 1))
+    """The node's configuration with the evaluation's re-ranking depth and recent-place window, when given.
+
+    Retrieval returns at least max(recall values) candidates so that Recall@N is defined for every N.
+    """
+    rerank, gate = config.rerank, config.gate
+    if opts.rerank_k is not None:
+        rerank = dataclasses.replace(rerank, enabled=opts.rerank_k > 0, top_k=max(opts.rerank_k, 1))
+    if opts.exclude_recent_s is not None:
+        gate = dataclasses.replace(gate, exclude_recent_s=opts.exclude_recent_s)
+    # The node re-ranks at most its search.top_k candidates; keep that bound when retrieval is widened.
+    rerank = dataclasses.replace(rerank, top_k=min(rerank.top_k, config.search.top_k))
     search = dataclasses.replace(config.search, top_k=max(config.search.top_k, max(opts.recall_values)))
-    gate = dataclasses.replace(config.gate, exclude_recent_s=opts.exclude_recent_s)
     return dataclasses.replace(config, rerank=rerank, search=search, gate=gate)
 
 
