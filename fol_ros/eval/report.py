@@ -111,7 +111,7 @@ def plot_recalls(recall_global: dict, recall_rerank: dict) -> str:
     ax.bar(x + 0.2, [recall_rerank.get(k, 0.0) for k in keys], 0.4, label='re-ranked')
     ax.set_xticks(x, [f'R@{k}' for k in keys])
     ax.set_ylim(0, 1.05)
-    ax.legend(loc='lower right')
+    ax.legend(loc='lower center', bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
     ax.grid(axis='y', alpha=0.3)
     return _figure_b64(fig)
 
