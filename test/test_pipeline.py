@@ -170,7 +170,8 @@ def test_geometric_verification_counts_inliers_and_gates_on_them(encoder):
     assert best.place_id == 4 and best.geometric_inliers >= 40   # 48 tokens, all pairs on the same affine map
     assert second.geometric_inliers < 20 and result.candidates[2].geometric_inliers == 0   # only top_k verified
     assert result.timings.verify_ms > 0 and result.loop_closure.accepted
-    unverified = Localizer(config(temporal_consistency=1), encoder, prebuilt_map(encoder)).process(frame(4, 9), 1000 * S)
+    plain = Localizer(config(temporal_consistency=1), encoder, prebuilt_map(encoder))
+    unverified = plain.process(frame(4, view=9), 1000 * S)
     assert unverified.candidates[0].confidence > best.confidence   # the inlier factor n / (n + 8) < 1
     strict = PipelineConfig(**{**cfg.__dict__, 'gate': GateConfig(min_inliers=100, temporal_consistency=1)})
     rejected = Localizer(strict, encoder, prebuilt_map(encoder)).process(frame(4, view=9), 1000 * S)

@@ -9,12 +9,13 @@ stay responsive on the MultiThreadedExecutor and no backlog builds up.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections import deque
 
 import rclpy
+import rclpy.logging
+import rclpy.signals
 from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import PoseWithCovarianceStamped
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
@@ -31,6 +32,8 @@ from fol_ros.pipeline import Localizer, Result, Status
 from fol_ros.ros import convert
 from fol_ros.ros.diagnostics import NodeStats, diagnostic_array
 from fol_ros.ros.params import declare_all, read_all
+from fol_ros.ros.resources import RclpyLogHandler, load_localizer, map_id as make_map_id
+from fol_ros.ros.slot import FrameSlot
 from fol_ros.srv import QueryImage
 
 SUCCESS, FAILURE = TransitionCallbackReturn.SUCCESS, TransitionCallbackReturn.FAILURE
@@ -47,10 +50,8 @@ class PlaceRecognitionNode(LifecycleNode):
         self.settings = None
         self.map_id = ''
         self._bridge = None
-        self._slot: tuple | None = None
-        self._slot_lock = threading.Lock()
+        self._slot = FrameSlot()
         self._pipeline_lock = threading.Lock()
-        self._next_start = 0.0
         self._seq = 0
         self._odometry: deque = deque(maxlen=400)
         self._active = False
@@ -74,7 +75,7 @@ class PlaceRecognitionNode(LifecycleNode):
         """Load model and map, create publishers and services. FAILURE (logged) on any bad setting or file."""
         try:
             self.settings, config = read_all(self)
-            self.localizer = _load_localizer(self.settings, config, self.get_logger())
+            self.localizer = load_localizer(self.settings, config, self.get_logger())
         except FolError as exc:
             self.get_logger().error(f'configure failed: {exc}')
             self.stats.on_problem(False, f'configure failed: {exc}')
@@ -83,7 +84,7 @@ class PlaceRecognitionNode(LifecycleNode):
             self.get_logger().error(f'configure failed unexpectedly: {type(exc).__name__}: {exc}')
             self.stats.on_problem(False, f'configure failed: {exc}')
             return FAILURE
-        self.map_id = _map_id(self.localizer, self.settings.map_path)
+        self.map_id = make_map_id(self.localizer, self.settings.map_path)
         self._bridge = convert.load_cv_bridge() if self.settings.use_cv_bridge else None
         self._pubs = {'result': self.create_lifecycle_publisher(PlaceRecognition, 'place_recognition', 10),
                       'loop': self.create_lifecycle_publisher(LoopClosure, 'loop_closure', 10)}
@@ -116,6 +117,7 @@ class PlaceRecognitionNode(LifecycleNode):
                                                        callback_group=self._input_group))
         self.stats.reset()
         self._seq = 0
+        self._slot = FrameSlot(s.max_rate_hz)
         self._active = True
         self._state_label = 'active'
         self.get_logger().info(f'active: {kind.__name__} on {self.resolve_topic_name(s.image_topic)}')
@@ -127,8 +129,7 @@ class PlaceRecognitionNode(LifecycleNode):
         for sub in self._subs:
             self.destroy_subscription(sub)
         self._subs = []
-        with self._slot_lock:
-            self._slot = None
+        self._slot.clear()
         self._state_label = 'inactive'
         return super().on_deactivate(state)
 
@@ -148,6 +149,11 @@ class PlaceRecognitionNode(LifecycleNode):
         self._release()
         return SUCCESS
 
+    def stop_processing(self) -> None:
+        """Stop taking frames (before the executor shuts down); a frame in flight finishes unpublished."""
+        self._active = False
+        self._slot.clear()
+
     def _release(self) -> None:
         with self._pipeline_lock:
             self.localizer = None
@@ -160,11 +166,7 @@ class PlaceRecognitionNode(LifecycleNode):
 
     # input --------------------------------------------------------------------------------------------------
     def _on_image(self, msg) -> None:
-        received = time.perf_counter()
-        with self._slot_lock:
-            replaced = self._slot is not None
-            self._slot = (msg, received)
-        self.stats.on_received(replaced)
+        self.stats.on_received(self._slot.put((msg, time.perf_counter())))
         self._wake.trigger()
 
     def _on_odometry(self, msg) -> None:
@@ -180,15 +182,9 @@ class PlaceRecognitionNode(LifecycleNode):
     def _drain(self) -> None:
         """Worker: process the newest frame until the slot is empty, never faster than max_rate_hz."""
         while self._active:
-            wait = self._next_start - time.monotonic()
-            if wait > 0:
-                time.sleep(wait)  # newer frames replace the slot meanwhile: we then take the newest
-            with self._slot_lock:
-                item, self._slot = self._slot, None
+            item = self._slot.take()
             if item is None:
                 return
-            rate = self.settings.max_rate_hz if self.settings else 0.0
-            self._next_start = time.monotonic() + (1.0 / rate if rate > 0 else 0.0)
             self._process(*item)
 
     def _process(self, msg, received: float) -> None:
@@ -287,8 +283,7 @@ class PlaceRecognitionNode(LifecycleNode):
                 response.success, response.message = False, 'the node is not configured'
                 return response
             self.localizer.reset()
-        with self._slot_lock:
-            self._slot = None
+        self._slot.clear()
         response.success, response.message = True, 'temporal filter, recent places and keyframe history reset'
         return response
 
@@ -301,50 +296,6 @@ class PlaceRecognitionNode(LifecycleNode):
                  'mode': self.settings.mode if self.settings else ''}
         self._diag_pub.publish(diagnostic_array(self.get_clock().now().to_msg(), self.get_name(), self.stats,
                                                 state, extra))
-
-
-def _load_localizer(settings, config, logger) -> Localizer:
-    """The encoder and the map the settings ask for (raises FolError subclasses with actionable messages)."""
-    from fol_ros.encode.base import create_encoder
-    from fol_ros.errors import MapError
-    from fol_ros.search.place_map import PlaceMap
-    encoder = create_encoder(config.model, config.engine)
-    place_map = None
-    if settings.map_path and os.path.exists(settings.map_path):
-        place_map = PlaceMap.load(settings.map_path, expect=encoder.info)
-    elif settings.mode == 'localization':
-        raise MapError(f'map {settings.map_path!r} does not exist: build it with `fol-ros map build` '
-                       'or set mode mapping')
-    else:
-        logger.info(f'mapping mode: no map at {settings.map_path!r} yet, starting an empty one')
-    return Localizer(config, encoder, place_map, mapping=settings.mode == 'mapping')
-
-
-def _map_id(localizer: Localizer, map_path: str) -> str:
-    if localizer.place_map is None:
-        return ''
-    name = os.path.basename(os.path.normpath(map_path)) if map_path else 'session'
-    return f'{localizer.encoder.info.fingerprint[:8]}/{name}'
-
-
-class _ToRclpy(logging.Handler):
-    """Forwards the core's stdlib log records to the node's rclpy logger (one logging owner per process)."""
-
-    def __init__(self, node) -> None:
-        super().__init__()
-        self.node = node
-
-    def emit(self, record: logging.LogRecord) -> None:
-        logger = self.node.get_logger()
-        text = f'{record.name}: {record.getMessage()}'
-        if record.levelno >= logging.ERROR:
-            logger.error(text)
-        elif record.levelno >= logging.WARNING:
-            logger.warning(text)
-        elif record.levelno >= logging.INFO:
-            logger.info(text)
-        else:
-            logger.debug(text)
 
 
 def main(args: list[str] | None = None) -> int:
@@ -362,19 +313,26 @@ def main(args: list[str] | None = None) -> int:
         path = argv[i + 1] if i + 1 < end else ''
         # the file goes first: -p overrides given after --ros-args must win over it
         argv = [*argv[:i], *argv[i + 2:end], '--ros-args', '--params-file', path, '--', *argv[end:]]
-    rclpy.init(args=argv)
+    # our own SIGINT handling: stop the worker, then the executor, then the context (never publish on a dead one)
+    options = getattr(rclpy.signals, 'SignalHandlerOptions', None)
+    if options is not None:
+        rclpy.init(args=argv, signal_handler_options=options.NO)
+    else:
+        rclpy.init(args=argv)
+    root = logging.getLogger('fol_ros')
+    root.setLevel(logging.INFO)
+    root.addHandler(RclpyLogHandler(rclpy.logging.get_logger('fol_ros')))
     node = None
     executor = MultiThreadedExecutor(num_threads=4)
     try:
         node = PlaceRecognitionNode()
-        root = logging.getLogger('fol_ros')
-        root.setLevel(logging.INFO)
-        root.addHandler(_ToRclpy(node))
         executor.add_node(node)
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
+        if node is not None:
+            node.stop_processing()
         executor.shutdown()
         if node is not None:
             node.destroy_node()
