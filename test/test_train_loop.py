@@ -131,6 +131,7 @@ def test_frozen_cache_equals_full_forward(dataset_dirs, freeze):
     assert 'forward' not in vars(net.backbone)                  # the hook is removed afterwards
 
 
+@pytest.mark.slow   # ~50 s of CPU (6 + 6 steps of the tiny model, 3 validations)
 def test_short_run_lowers_loss_raises_recall_and_resumes(dataset_dirs, tmp_path):
     photos, val = dataset_dirs
     cfg = config_from_dict(tiny_config(photos, val, tmp_path / 'run'))
@@ -153,6 +154,7 @@ def test_short_run_lowers_loss_raises_recall_and_resumes(dataset_dirs, tmp_path)
     assert again.steps == 6 and again.recalls == [{'epoch': 2}]
 
 
+@pytest.mark.slow   # ~20 s of CPU
 def test_cli_rejects_bad_config_and_runs(dataset_dirs, tmp_path, monkeypatch, capsys):
     import yaml
     from fol_ros import cli
@@ -220,3 +222,18 @@ def test_config_errors_name_the_problem(tmp_path):
         config_from_dict({})
     with pytest.raises(ConfigError, match='cache_frozen needs fixed inputs'):
         config_from_dict({'cache_frozen': True, 'data': {'sources': [{'root': 'x'}], 'epoch_views': True}})
+
+
+def test_validation_with_frozen_cache_matches(dataset_dirs):
+    from fol_ros.model.fol import FoLNet
+    from fol_ros.train.validate import encode
+    _, val = dataset_dirs
+    torch.manual_seed(0)
+    net = FoLNet('tiny')
+    paths = sorted((val / 'ref').iterdir())[:3]
+    g0, l0 = encode(net, paths, (294, 294), batch_size=2)
+    cache = FrozenCache(net, 'backbone')
+    g1, l1 = encode(net, paths, (294, 294), batch_size=2, cache=cache)
+    g2, _ = encode(net, paths, (294, 294), batch_size=2, cache=cache)     # second pass: all from the cache
+    assert len(cache) == 3 and np.allclose(g0, g1, atol=1e-5) and np.allclose(g1, g2)
+    assert all(a.shape == b.shape for a, b in zip(l0, l1))

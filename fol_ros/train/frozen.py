@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -79,9 +79,18 @@ class FrozenCache:
         labels = torch.tensor([dataset.places[i].label for i in chunk for _ in range(dataset.k)], dtype=torch.long)
         return payload, labels
 
-    def placeholder(self, batch: int) -> torch.Tensor:
+    def lookup(self, keys: Sequence, images: Callable[[list], torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Staged payload of arbitrary hashable keys; `images(missing_keys)` gives the inputs not cached yet."""
+        missing = [k for k in keys if k not in self._store]
+        if missing:
+            for key, val in zip(missing, self.compute(images(missing))):
+                self._store[key] = val
+        items = [self._store[k] for k in keys]
+        return tuple(torch.stack([it[j] for it in items]).to(self.device) for j in range(len(items[0])))
+
+    def placeholder(self, batch: int, size: tuple[int, int] | None = None) -> torch.Tensor:
         """A zero-cost [B, 3, H, W] stand-in for the images (only its shape is read once the cache is staged)."""
-        h, w = self._size
+        h, w = size or self._size
         return torch.zeros(1, 1, 1, 1, device=self.device).expand(batch, 3, h, w)
 
     @contextlib.contextmanager

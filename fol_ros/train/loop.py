@@ -122,14 +122,15 @@ def _resume(path: str, net, optimizer, scheduler, scaler) -> tuple[int, int, flo
         int(obj.get('not_improved_num', 0))
 
 
-def _validate(cfg: TrainConfig, net, device: torch.device) -> dict:
+def _validate(cfg: TrainConfig, net, device: torch.device, cache: FrozenCache | None = None) -> dict:
     if not cfg.validation.dataset:
         return {}
     from fol_ros.train.validate import evaluate_folder
     v = cfg.validation
     t0 = time.perf_counter()
     rec = evaluate_folder(net, expand_path(v.dataset), cfg.input_size, rerank_k=v.rerank_k,
-                          recall_values=v.recall_values, batch_size=v.batch_size, device=str(device))
+                          recall_values=v.recall_values, batch_size=v.batch_size, device=str(device),
+                          cache=cache)
     log.info('validation %s: global %s | re-ranked (top %d) %s (%.0f s)', Path(v.dataset).name,
              rec['global'], v.rerank_k, rec['rerank'], time.perf_counter() - t0)
     return rec
@@ -186,11 +187,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     objective = FoLObjective(cfg.loss, seed=cfg.seed)
     result = TrainResult()
     start_epoch, step, best, not_improved = 0, 0, -1.0, 0
+    cache = FrozenCache(net, cfg.freeze, device) if cfg.cache_frozen else None
     if cfg.resume:
         start_epoch, step, best, not_improved = _resume(cfg.resume, net, optimizer, scheduler, scaler)
     else:
-        result.recalls.append({'epoch': 0, **_validate(cfg, net, device)})
-    cache = FrozenCache(net, cfg.freeze, device) if cfg.cache_frozen else None
+        result.recalls.append({'epoch': 0, **_validate(cfg, net, device, cache)})
 
     for epoch in range(start_epoch + 1, cfg.optim.epochs + 1):
         dataset.set_epoch(epoch)
@@ -224,7 +225,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             if step % cfg.log_every == 0:
                 log.info('epoch %d step %d loss %.4f %s lr %.2e', epoch, step, result.losses[-1],
                          ' '.join(f'{k}={v:.4f}' for k, v in parts.items()), scheduler.get_last_lr()[0])
-        rec = _validate(cfg, net, device)
+        rec = _validate(cfg, net, device, cache)
         result.recalls.append({'epoch': epoch, **rec})
         score = _selection(cfg, rec)
         improved = score > best

@@ -22,17 +22,26 @@ log = logging.getLogger(__name__)
 
 @torch.inference_mode()
 def encode(net, paths: Sequence[Path], size: tuple[int, int], batch_size: int = 8,
-           device: str = 'cpu') -> tuple[np.ndarray, list[torch.Tensor]]:
-    """Global descriptors [N, D] float32 and, per image, its valid local tokens [L, 128] (fp16, CPU)."""
+           device: str = 'cpu', cache=None) -> tuple[np.ndarray, list[torch.Tensor]]:
+    """Global descriptors [N, D] float32 and, per image, its valid local tokens [L, 128] (fp16, CPU).
+
+    cache: a train.frozen.FrozenCache; the frozen backbone part of each image is then computed once per run.
+    """
     was_training = net.training
     net.eval()
     globals_, locals_ = [], []
     try:
         for b in range(0, len(paths), batch_size):
-            x = preprocess([read_rgb(p) for p in paths[b:b + batch_size]], size).to(device)
-            out = net(x)
+            batch = list(paths[b:b + batch_size])
+            if cache is None:
+                out = net(preprocess([read_rgb(p) for p in batch], size).to(device))
+            else:
+                payload = cache.lookup([('val', str(p), tuple(size)) for p in batch],
+                                       lambda keys: preprocess([read_rgb(Path(k[1])) for k in keys], size))
+                with cache.staged(payload):
+                    out = net(cache.placeholder(len(batch), size))
             globals_.append(out.global_desc.float().cpu().numpy())
-            for i in range(x.shape[0]):
+            for i in range(len(batch)):
                 locals_.append(out.local[i, :int(out.local_count[i])].to('cpu', torch.float16))
     finally:
         net.train(was_training)
@@ -56,10 +65,10 @@ def rerank_order(counts: np.ndarray) -> np.ndarray:
 
 def evaluate_net(net, ds: VprDataset, size: tuple[int, int], rerank_k: int = 10,
                  recall_values: Sequence[int] = (1, 5, 10), batch_size: int = 8, device: str = 'cpu',
-                 threshold: float = 0.7) -> dict[str, dict[str, float]]:
-    """{'global': {'1': R@1, ...}, 'rerank': {...}} of `net` on a benchmark."""
-    db_g, db_l = encode(net, ds.database_paths, size, batch_size, device)
-    q_g, q_l = encode(net, ds.query_paths, size, batch_size, device)
+                 threshold: float = 0.7, cache=None) -> dict[str, dict[str, float]]:
+    """{'global': {'1': R@1, ...}, 'rerank': {...}} of `net` on a benchmark (cache: see `encode`)."""
+    db_g, db_l = encode(net, ds.database_paths, size, batch_size, device, cache)
+    q_g, q_l = encode(net, ds.query_paths, size, batch_size, device, cache)
     k = min(max(recall_values), len(db_g))
     # Inner product on unit vectors orders exactly as L2; argsort is stable, so ties prefer the lower index.
     ids = np.argsort(-(q_g @ db_g.T), axis=1, kind='stable')[:, :k]
