@@ -94,8 +94,8 @@ class PlaceRecognitionNode(LifecycleNode):
             self._pubs['times'] = self.create_lifecycle_publisher(Float64MultiArray, 'loop_closure_times', 10)
         group = self._service_group
         self._srvs = [self.create_service(Trigger, '~/save_map', self._on_save_map, callback_group=group),
-                          self.create_service(QueryImage, '~/query', self._on_query, callback_group=group),
-                          self.create_service(Trigger, '~/reset', self._on_reset, callback_group=group)]
+                      self.create_service(QueryImage, '~/query', self._on_query, callback_group=group),
+                      self.create_service(Trigger, '~/reset', self._on_reset, callback_group=group)]
         enc = self.localizer.encoder
         self.get_logger().info(f'configured: mode {self.settings.mode}, map {self.map_id or "(none)"} with '
                                f'{self.localizer.map_size} places, model {enc.info.fingerprint}, engine {enc.name}')
@@ -222,6 +222,7 @@ class PlaceRecognitionNode(LifecycleNode):
             result.timings.total_ms += decode_ms
         except BadInputError as exc:
             result = Result(Status.BAD_INPUT, message=str(exc))
+            result.timings.preprocess_ms = result.timings.total_ms = (time.perf_counter() - start) * 1000.0
         except Exception as exc:  # any failure of one frame must not stop the stream
             result = Result(Status.ERROR, message=f'{type(exc).__name__}: {exc}')
         if result.status in (Status.BAD_INPUT, Status.ERROR):
