@@ -104,6 +104,32 @@ def rerank_query(query_tokens: np.ndarray, candidates: np.ndarray, db_store: Tok
     return order, counts
 
 
+def rerank_all(ids: np.ndarray, q_store: TokenStore, db_store: TokenStore, rerank_k: int, opts: DatasetEvalOptions,
+               timings: list[float], on_query: Callable[[int, int], None] | None = None
+               ) -> tuple[list[np.ndarray], list[list[int]]]:
+    """Re-rank every query's global top-`rerank_k`; returns (full predictions, re-ranked local scores) per query."""
+    pred_rerank, top_scores = [], []
+    last_log = time.perf_counter()
+    for qi, row in enumerate(ids):
+        if rerank_k:
+            t0 = time.perf_counter()
+            order, counts = rerank_query(np.array(q_store.get(qi)), row[:rerank_k], db_store, opts)
+            timings.append((time.perf_counter() - t0) * 1e3)
+            pred_rerank.append(np.r_[row[:rerank_k][order], row[rerank_k:]])
+            top_scores.append(counts[order].tolist())
+        else:
+            pred_rerank.append(row)
+            top_scores.append([])
+        if on_query is not None:
+            on_query(qi + 1, len(ids))
+        if rerank_k and (time.perf_counter() - last_log > 30 or qi + 1 == len(ids)):
+            last_log = time.perf_counter()
+            per_query = sum(timings) / 1e3 / (qi + 1)
+            log.info('re-ranked %d/%d queries (%.2f s per query, ETA %.0f s)', qi + 1, len(ids), per_query,
+                     per_query * (len(ids) - qi - 1))
+    return pred_rerank, top_scores
+
+
 def evaluate_dataset(ds: VprDataset, encoder, opts: DatasetEvalOptions = DatasetEvalOptions(),
                      on_query: Callable[[int, int], None] | None = None) -> dict:
     """Run the benchmark protocol and return the result dictionary (see docs/evaluation.md for its keys)."""
@@ -121,26 +147,7 @@ def evaluate_dataset(ds: VprDataset, encoder, opts: DatasetEvalOptions = Dataset
         t0 = time.perf_counter()
         ids, dists = search_exact(db_g, q_g, k)
         samples['search'] = [(time.perf_counter() - t0) * 1e3 / len(q_g)] * len(q_g)
-        pred_rerank, top_scores = [], []
-        last_log = time.perf_counter()
-        for qi in range(len(q_g)):
-            row = ids[qi]
-            if rerank_k:
-                t0 = time.perf_counter()
-                order, counts = rerank_query(np.array(q_store.get(qi)), row[:rerank_k], db_store, opts)
-                samples['rerank'].append((time.perf_counter() - t0) * 1e3)
-                pred_rerank.append(np.r_[row[:rerank_k][order], row[rerank_k:]])
-                top_scores.append(counts[order].tolist())
-            else:
-                pred_rerank.append(row)
-                top_scores.append([])
-            if on_query is not None:
-                on_query(qi + 1, len(q_g))
-            if rerank_k and (time.perf_counter() - last_log > 30 or qi + 1 == len(q_g)):
-                last_log = time.perf_counter()
-                done_ms = sum(samples['rerank'])
-                log.info('re-ranked %d/%d queries (%.2f s per query, ETA %.0f s)', qi + 1, len(q_g),
-                         done_ms / 1e3 / (qi + 1), done_ms / 1e3 / (qi + 1) * (len(q_g) - qi - 1))
+        pred_rerank, top_scores = rerank_all(ids, q_store, db_store, rerank_k, opts, samples['rerank'], on_query)
         db_store.close()
         q_store.close()
     return _result(ds, encoder, opts, k, rerank_k, ids, dists, pred_rerank, top_scores, samples, t_start)
