@@ -139,3 +139,31 @@ def test_cli_build_info_compact(tmp_path, monkeypatch, capsys):
     target.write_bytes(bytes(data))
     bad = subprocess.run(run + ['info', str(out)], env=ros_env(), capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and 'sha256 mismatch' in bad.stderr
+
+
+@pytest.mark.slow
+def test_real_corridor_map_localises_queries(tmp_path, corridor_dir):
+    """Default ViT-S/14 weights on real images: build from ref/, localise query/ with search + re-ranking."""
+    from fol_ros.config import EngineConfig, ModelConfig
+    from fol_ros.encode.base import create_encoder
+    from fol_ros.rerank import mutual_nn_counts, rerank
+    from fol_ros.search.index import GlobalIndex
+    enc = create_encoder(ModelConfig(), EngineConfig(engine='torch', device='cpu'))
+    every = KeyframeConfig(min_distance_m=0.0, min_interval_s=0.0, novelty_threshold=0.0)
+    build_map(ImageFolderSource(corridor_dir / 'ref'), enc, tmp_path / 'map', every, progress=False)
+    pmap = PlaceMap.load(tmp_path / 'map', expect=enc.info)
+    index = GlobalIndex.for_map(pmap)
+    truth = np.load(corridor_dir / 'ground_truth_new.npy', allow_pickle=True)   # data set file, not ours
+    positives = {int(q): {int(r) for r in refs} for q, refs in truth}
+    queries = ImageFolderSource(corridor_dir / 'query')
+    hits_global = hits_rerank = 0
+    for i, frame in enumerate(queries):
+        q = enc.encode([frame.image])[0]
+        ids, _ = index.search(q.global_desc, 10)
+        counts = mutual_nn_counts(q.local, [pmap.local_tokens(int(p))[0] for p in ids[0]])
+        best = ids[0][rerank(np.arange(10), counts)[0]]
+        hits_global += int(ids[0, 0]) in positives[i]
+        hits_rerank += int(best) in positives[i]
+    r1_global, r1_rerank = hits_global / len(queries), hits_rerank / len(queries)
+    print(f'corridor R@1 global {r1_global:.3f} re-ranked {r1_rerank:.3f}')
+    assert r1_global > 0.25 and r1_rerank >= r1_global

@@ -87,6 +87,20 @@ def test_tied_similarities_take_first_maximum_like_argmax():
     assert list(zip(iq.tolist(), ic.tolist())) == ref
 
 
+@pytest.mark.parametrize('seed', [0, 1])
+def test_massive_exact_ties_follow_first_maximum(seed):
+    """One-hot tokens: every similarity is exactly 0 or 1, so ties are everywhere and exact in any precision."""
+    rng = np.random.default_rng(seed)
+    eye = np.eye(8, dtype=np.float32)
+    q = eye[rng.integers(0, 6, 40)]
+    cands = [eye[rng.integers(0, 8, int(n))] for n in rng.integers(1, 30, 6)]
+    ref = [len(reference_pairs(q, c)) for c in cands]
+    for budget in (512.0, 0.0005):
+        assert mutual_nn_counts(q, cands, budget_mb=budget).tolist() == ref
+        iq, ic = mutual_nn_pairs(q, cands[0], budget_mb=budget)
+        assert list(zip(iq.tolist(), ic.tolist())) == reference_pairs(q, cands[0])
+
+
 def test_pairs_equal_reference():
     rng = np.random.default_rng(7)
     q = _unit(rng.normal(size=(50, 16))).astype(np.float32)
