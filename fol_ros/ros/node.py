@@ -15,7 +15,6 @@ from collections import deque
 
 import rclpy
 import rclpy.logging
-import rclpy.signals
 from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import PoseWithCovarianceStamped
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
@@ -315,11 +314,12 @@ def main(args: list[str] | None = None) -> int:
         # the file goes first: -p overrides given after --ros-args must win over it
         argv = [*argv[:i], *argv[i + 2:end], '--ros-args', '--params-file', path, '--', *argv[end:]]
     # our own SIGINT handling: stop the worker, then the executor, then the context (never publish on a dead one)
-    options = getattr(rclpy.signals, 'SignalHandlerOptions', None)
-    if options is not None:
-        rclpy.init(args=argv, signal_handler_options=options.NO)
-    else:
+    try:
+        from rclpy.signals import SignalHandlerOptions
+    except ImportError:  # an rclpy without the option installs its handler; shutdown then races the worker
         rclpy.init(args=argv)
+    else:
+        rclpy.init(args=argv, signal_handler_options=SignalHandlerOptions.NO)
     root = logging.getLogger('fol_ros')
     root.setLevel(logging.INFO)
     root.addHandler(RclpyLogHandler(rclpy.logging.get_logger('fol_ros')))
