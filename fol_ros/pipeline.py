@@ -172,10 +172,11 @@ class Localizer:
         candidates = self._search(encoding.global_desc, exclusion)
         timings.search_ms = _ms(start)
         start = time.perf_counter()
-        rerank_ran = self._rerank(encoding, candidates)
+        pairs: dict = {}   # token pairs counted by re-ranking, reused by verification
+        rerank_ran = self._rerank(encoding, candidates, pairs)
         timings.rerank_ms = _ms(start) if rerank_ran else 0.0
         start = time.perf_counter()
-        verified = self._verify(encoding, candidates)
+        verified = self._verify(encoding, candidates, pairs)
         timings.verify_ms = _ms(start) if verified else 0.0
         for cand in candidates:
             cand.confidence = confidence(cand, rerank_ran, cand.place_id in verified)
@@ -205,14 +206,14 @@ class Localizer:
                                         pose=place.pose))
         return candidates
 
-    def _rerank(self, encoding: Encoding, candidates: list[Candidate]) -> bool:
+    def _rerank(self, encoding: Encoding, candidates: list[Candidate], pairs: dict) -> bool:
         if not self.config.rerank.enabled or not candidates:
             return False
         from fol_ros.rerank import rerank_candidates
-        candidates[:] = rerank_candidates(encoding, candidates, self.place_map, self.config.rerank)
+        candidates[:] = rerank_candidates(encoding, candidates, self.place_map, self.config.rerank, pairs)
         return True
 
-    def _verify(self, encoding: Encoding, candidates: list[Candidate]) -> set[int]:
+    def _verify(self, encoding: Encoding, candidates: list[Candidate], pairs: dict) -> set[int]:
         """RANSAC on the mutual-NN token pairs of the best verify.top_k candidates; returns the verified ids."""
         cfg = self.config.verify
         verified: set[int] = set()
@@ -223,8 +224,11 @@ class Localizer:
         for cand in candidates[:cfg.top_k]:
             local, _, local_xy = self.place_map.local_tokens(cand.place_id)
             rcfg = self.config.rerank
-            iq, ic = mutual_nn_pairs(encoding.local, local, rcfg.similarity_threshold, rcfg.memory_budget_mb,
-                                     rcfg.device)
+            if cand.place_id in pairs:   # counted during re-ranking: no second similarity pass
+                iq, ic = pairs[cand.place_id]
+            else:
+                iq, ic = mutual_nn_pairs(encoding.local, local, rcfg.similarity_threshold, rcfg.memory_budget_mb,
+                                         rcfg.device)
             verified.add(cand.place_id)
             if len(iq) < cfg.min_matches:
                 continue  # too few pairs for RANSAC: 0 inliers

@@ -102,7 +102,8 @@ def _mnn_chunk(q: torch.Tensor, cands: Sequence[np.ndarray], lmax: int, tile: in
 
 
 def mutual_nn_counts(query_local: np.ndarray, cand_locals: Sequence[np.ndarray], threshold: float = 0.7,
-                     budget_mb: float = 512.0, device: str = 'cpu', single_match_quirk: bool = False) -> np.ndarray:
+                     budget_mb: float = 512.0, device: str = 'cpu', single_match_quirk: bool = False,
+                     pairs_out: list | None = None) -> np.ndarray:
     """FoL local score of each candidate: the number of MNN token pairs with cosine > threshold.
 
     Args:
@@ -111,6 +112,8 @@ def mutual_nn_counts(query_local: np.ndarray, cand_locals: Sequence[np.ndarray],
         budget_mb: bound on the similarity workspace; candidates (and if needed query tokens) are chunked to fit.
         device: 'cpu', 'cuda', 'cuda:N' or 'auto'; CUDA computes in fp16.
         single_match_quirk: mirror official quirk A (exactly one MNN scores 0) for bit parity.
+        pairs_out: if a list is given, it receives each candidate's counted pairs (query rows, candidate rows),
+            as `mutual_nn_pairs` returns them, from the same pass (geometric verification needs no second one).
     Returns:
         int64 [K].
     """
@@ -118,13 +121,24 @@ def mutual_nn_counts(query_local: np.ndarray, cand_locals: Sequence[np.ndarray],
     if len(cand_locals) == 0 or len(query_local) == 0:
         return counts
     with torch.inference_mode():
-        for idx, _, v, mutual in _mnn_blocks(query_local, cand_locals, budget_mb, device,
+        for idx, i2, v, mutual in _mnn_blocks(query_local, cand_locals, budget_mb, device,
                                              threshold < 0 or single_match_quirk):
-            good = (mutual & (v > threshold)).sum(1)
+            matched = mutual & (v > threshold)
+            good = matched.sum(1)
+            if pairs_out is not None:
+                pairs_out.extend(_pairs(i2_row, matched_row) for i2_row, matched_row in zip(i2, matched))
             if single_match_quirk:
                 good = torch.where(mutual.sum(1) == 1, torch.zeros_like(good), good)
             counts[idx.start:idx.stop] = good.cpu().numpy()
     return counts
+
+
+def _pairs(i2: torch.Tensor, matched: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(query rows, candidate rows) of one candidate's counted pairs, sorted by query row."""
+    ic = torch.nonzero(matched).reshape(-1)
+    iq = i2[ic]
+    order = torch.argsort(iq)
+    return iq[order].cpu().numpy(), ic[order].cpu().numpy()
 
 
 def mutual_nn_pairs(query_local: np.ndarray, cand_local: np.ndarray, threshold: float = 0.7,
@@ -134,10 +148,7 @@ def mutual_nn_pairs(query_local: np.ndarray, cand_local: np.ndarray, threshold: 
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     with torch.inference_mode():
         (_, i2, v, mutual), = _mnn_blocks(query_local, [cand_local], budget_mb, device, threshold < 0)
-        ic = torch.nonzero((mutual & (v > threshold))[0]).reshape(-1)
-        iq = i2[0, ic]
-        order = torch.argsort(iq)
-        return iq[order].cpu().numpy(), ic[order].cpu().numpy()
+        return _pairs(i2[0], (mutual & (v > threshold))[0])
 
 
 def rerank(candidates: Sequence[Candidate] | np.ndarray, scores: np.ndarray) -> np.ndarray:
@@ -159,18 +170,22 @@ def rerank(candidates: Sequence[Candidate] | np.ndarray, scores: np.ndarray) -> 
     return np.lexsort((ranks, -scores.astype(np.float64))).astype(np.int64)
 
 
-def rerank_candidates(query: Encoding, candidates: list[Candidate], place_map, config: RerankConfig = RerankConfig()
-                      ) -> list[Candidate]:
+def rerank_candidates(query: Encoding, candidates: list[Candidate], place_map, config: RerankConfig = RerankConfig(),
+                      pairs_out: dict | None = None) -> list[Candidate]:
     """Score the first `config.top_k` candidates (in global order) and return them re-ranked, the rest after.
 
     Sets `local_matches` on the scored candidates. `place_map` must provide `local_tokens(place_id)`.
+    With `pairs_out` (a dict), the counted token pairs of each scored place id are stored there for verification.
     """
     if not config.enabled or not candidates:
         return list(candidates)
     head, tail = list(candidates[:config.top_k]), list(candidates[config.top_k:])
     locals_ = [place_map.local_tokens(c.place_id)[0] for c in head]
+    pairs = [] if pairs_out is not None else None
     counts = mutual_nn_counts(query.local, locals_, config.similarity_threshold, config.memory_budget_mb,
-                              config.device)
+                              config.device, pairs_out=pairs)
+    if pairs_out is not None:
+        pairs_out.update(zip((c.place_id for c in head), pairs))
     for cand, count in zip(head, counts):
         cand.local_matches = int(count)
     return [head[i] for i in rerank(head, counts)] + tail

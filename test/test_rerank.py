@@ -115,3 +115,23 @@ def test_rerank_is_stable_with_ties_broken_by_global_rank():
     assert rerank(np.arange(7), np.zeros(7)).tolist() == list(range(7))    # all-zero keeps the global order
     cands = [Candidate(place_id=10 + i, retrieval_rank=r, global_similarity=0.0) for i, r in enumerate([2, 0, 1])]
     assert rerank(cands, [1, 1, 1]).tolist() == [1, 2, 0]
+
+
+def test_pairs_from_the_counting_pass_equal_mutual_nn_pairs():
+    from fol_ros.rerank import mutual_nn_counts, mutual_nn_pairs
+    rng = np.random.default_rng(5)
+
+    def tokens(n):
+        x = rng.standard_normal((n, 16)).astype(np.float32)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+    query = tokens(60)
+    cands = [np.concatenate([query[:20] + 0.05 * tokens(20), tokens(n)]) for n in (5, 40, 0)]
+    cands = [c / np.linalg.norm(c, axis=1, keepdims=True) for c in cands]
+    pairs = []
+    counts = mutual_nn_counts(query, cands, 0.7, budget_mb=0.01, pairs_out=pairs)
+    assert len(pairs) == 3 and counts.min() > 0
+    for cand, (iq, ic), count in zip(cands, pairs, counts):
+        ref_q, ref_c = mutual_nn_pairs(query, cand, 0.7)
+        assert len(iq) == count
+        np.testing.assert_array_equal(iq, ref_q)
+        np.testing.assert_array_equal(ic, ref_c)

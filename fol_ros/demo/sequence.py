@@ -41,7 +41,7 @@ class RouteConfig:
     frame_width: int = 480
     step_px: int = 72                 # camera advance per frame
     metres_per_px: float = 0.01       # so one step is 0.72 m
-    frame_period_s: float = 0.5       # 2 Hz camera, the rate loop detectors run at
+    frame_period_s: float = 1.0       # 1 Hz keyframe stream, the rate loop detectors run at
     start_stamp_s: float = 1_700_000_000.0
     revisit_delay_s: float = 600.0    # traversal 2 starts 10 min after traversal 1 ends
     seed: int = 7
