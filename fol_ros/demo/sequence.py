@@ -39,9 +39,9 @@ class RouteConfig:
 
     frame_height: int = 360
     frame_width: int = 480
-    step_px: int = 72                 # camera advance per frame
-    metres_per_px: float = 0.01       # so one step is 0.72 m
-    frame_period_s: float = 1.0       # 1 Hz keyframe stream, the rate loop detectors run at
+    step_px: int = 96                 # camera advance per frame
+    metres_per_px: float = 0.01       # so one step is 0.96 m
+    frame_period_s: float = 2.0       # 0.5 Hz keyframes: a 2-core CPU runs FoL ViT-S at about 1 frame/s
     start_stamp_s: float = 1_700_000_000.0
     revisit_delay_s: float = 600.0    # traversal 2 starts 10 min after traversal 1 ends
     seed: int = 7

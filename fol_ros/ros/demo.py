@@ -137,7 +137,9 @@ def run(out: pathlib.Path, quick: bool, rate: float) -> int:
     map_dir = build_map(bag1, out, checkpoint, env)
     params = ['-p', f'map_path:={map_dir}', '-p', f'image_topic:={IMAGE_TOPIC}', '-p', 'compressed:=true',
               '-p', f'model.checkpoint:={checkpoint}', '-p', f'odom_topic:={POSE_TOPIC}',
-              '-p', 'qos_reliability:=reliable', '-p', 'qos_depth:=10', '-p', 'use_sim_time:=true']
+              '-p', 'qos_reliability:=reliable', '-p', 'qos_depth:=10', '-p', 'use_sim_time:=true',
+              # a CPU re-ranks ~100-170 ms per candidate: 5 keep a frame well inside the bag's 2 s period
+              '-p', 'rerank.top_k:=5']
     node = _start([sys.executable, '-m', 'fol_ros.ros.node', '--params-file', str(REPO / 'config' / 'fol_ros.yaml'),
                    '--ros-args', *params], env, out / 'node.log')
     recorder = _start([sys.executable, '-m', 'fol_ros.ros.recorder', '--ros-args', '-p', f'pose_topic:={POSE_TOPIC}',

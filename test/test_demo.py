@@ -1,0 +1,27 @@
+"""`make demo` in its short CI variant (a third of the route): the whole product path must keep working."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ros_env
+
+pytestmark = pytest.mark.ros
+
+
+def test_quick_demo_answers_every_frame_and_writes_the_report(tmp_path):
+    out = tmp_path / 'demo'
+    proc = subprocess.run([sys.executable, '-m', 'fol_ros.ros.demo', '--quick', '--out', str(out)],
+                          env=ros_env(FOL_ROS_DEMO_DOMAIN_ID=str(100 + int(ros_env()['ROS_DOMAIN_ID']) % 30)),
+                          capture_output=True, text=True, timeout=900)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert 'FAILED' not in log
+    result = json.loads((out / 'live.json').read_text())
+    assert (out / 'live.html').stat().st_size > 10_000
+    frames = result['n_frames_scored']
+    assert frames >= 25
+    # The revisit is the same route under dusk light and another viewpoint: FoL must find it.
+    assert result['recall_rerank']['1'] >= 0.8
+    assert 'LOOP CLOSURE' in log
