@@ -148,8 +148,11 @@ def run(out: pathlib.Path, quick: bool, rate: float) -> int:
     watcher = Watcher()
     try:
         _say('node started (log: %s); replaying traversal 2 at %.2fx the bag rate' % (out / 'node.log', rate))
-        player = subprocess.run([sys.executable, '-m', 'fol_ros.ros.player', str(bag2), '--clock', '--rate', str(rate),
-                                 '--wait-for-subscribers', IMAGE_TOPIC, '--wait-timeout', '180'], env=env)
+        player = subprocess.Popen([sys.executable, '-m', 'fol_ros.ros.player', str(bag2), '--clock',
+                                   '--rate', str(rate), '--wait-for-subscribers', IMAGE_TOPIC, '--wait-timeout', '180'],
+                                  env=env)
+        # Spin while the bag plays, so that loop closures are printed as they happen.
+        watcher.spin_until(lambda: player.poll() is not None, timeout_s=24 * 3600)
         if player.returncode != 0:
             _say(f'the player failed (exit {player.returncode}); node log: {out / "node.log"}')
             return 1
@@ -174,7 +177,11 @@ def summarise(out: pathlib.Path, n_frames: int, watcher: Watcher, answered: bool
     _say(f'frames sent {n_frames}, answered {len(watcher.frames)}, loop closures accepted {len(watcher.closures)}')
     _say('Recall@1/5/10  global %.3f / %.3f / %.3f   re-ranked %.3f / %.3f / %.3f' % (
         rg.get('1', 0), rg.get('5', 0), rg.get('10', 0), rr.get('1', 0), rr.get('5', 0), rr.get('10', 0)))
-    _say('loop closure: PR AUC %.3f, max recall at 100%% precision %.3f' % (
+    gate = result['loop_closure'].get('gate', {})
+    _say('loop closures accepted by the gates: %d (%d correct, %d wrong): precision %.3f, recall %.3f' % (
+        gate.get('accepted', 0), gate.get('true_positives', 0), gate.get('false_positives', 0),
+        gate.get('precision', 0), gate.get('recall', 0)))
+    _say('over the decision threshold: PR AUC %.3f, max recall at 100%% precision %.3f' % (
         curve.get('auc', 0), curve.get('max_recall_at_100_precision', 0)))
     if lat:
         _say('latency per frame (ms): ' + ', '.join(f'{k} {v:.0f}' for k, v in lat.items()))
