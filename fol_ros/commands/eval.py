@@ -47,7 +47,7 @@ def register(subparsers) -> None:
     d.add_argument('--work-dir', default='', help="folder for the fp16 token files ('' = temporary)")
     b = p.add_argument_group('rosbag protocol')
     b.add_argument('--image-topic', default='', help='sensor_msgs/Image or CompressedImage topic')
-    b.add_argument('--pose-topic', default='', help='PoseStamped, PoseWithCovarianceStamped, Odometry or TF')
+    b.add_argument('--pose-topic', default='', help='PoseStamped, PoseWithCovarianceStamped or Odometry topic')
     b.add_argument('--map', default='', help="place map to localise against ('' = single traversal, mapping mode)")
     b.add_argument('--exclude-recent-s', type=float, default=None,
                    help="places newer than this many seconds are neither candidates nor positives (default: the "
