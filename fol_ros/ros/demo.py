@@ -162,7 +162,38 @@ def run(out: pathlib.Path, quick: bool, rate: float) -> int:
         _stop(node)
         _stop(recorder)
         watcher.close()
-    return summarise(out, n_frames, watcher, answered)
+    status = summarise(out, n_frames, watcher, answered)
+    if (out / 'live.json').exists():
+        add_pictures(json.loads((out / 'live.json').read_text()), out / 'live.html', map_dir, (bag1, bag2), checkpoint)
+    return status
+
+
+def add_pictures(result: dict, report: pathlib.Path, map_dir: pathlib.Path, bags: tuple[pathlib.Path, pathlib.Path],
+                 checkpoint: str, n: int = 6) -> None:
+    """Redraw the recorder's report with query/match pairs and their matched local tokens (the map keeps no images:
+    the matched place's image is read back from traversal 1 by its stamp)."""
+    import numpy as np
+    from fol_ros.config import EngineConfig, ModelConfig
+    from fol_ros.encode.base import create_encoder
+    from fol_ros.eval.report import pair_view, write_report
+    from fol_ros.search.place_map import PlaceMap
+    from fol_ros.sources import read_bag_images
+    frames = [q for q in result['queries'] if q['pred_rerank'] and q['positives']]
+    wrong = [q for q in frames if q['pred_rerank'][0] not in q['positives']]
+    spread = [frames[i] for i in np.linspace(0, len(frames) - 1, min(n, len(frames))).round().astype(int)]
+    pick = (wrong[:n // 2] + [q for q in spread if q not in wrong])[:n]
+    place_map = PlaceMap.load(map_dir, verify='size')
+    match_stamp = {q['stamp_ns']: place_map.place(q['pred_rerank'][0]).stamp_ns for q in pick}
+    wanted = [set(match_stamp.values()), set(match_stamp)]
+    images = [{t: rgb for t, rgb in read_bag_images(bag, IMAGE_TOPIC) if t in want} for bag, want in zip(bags, wanted)]
+    encoder = create_encoder(ModelConfig(checkpoint=checkpoint), EngineConfig())
+    views = []
+    for q in sorted(pick, key=lambda q: q['stamp_ns']):
+        ok = q['pred_rerank'][0] in q['positives']
+        views.append(pair_view(encoder, images[1][q['stamp_ns']], images[0][match_stamp[q['stamp_ns']]],
+                               f'revisit t={q["stamp_ns"] / 1e9:.0f} s -> place {q["pred_rerank"][0]} '
+                               f'({"correct" if ok else "wrong"})', ok))
+    write_report(result, report, views)
 
 
 def summarise(out: pathlib.Path, n_frames: int, watcher: Watcher, answered: bool) -> int:
