@@ -131,6 +131,16 @@ class Localizer:
         """Like `process` but changes nothing: no keyframe, no temporal-filter update (gates 1-3 still judged)."""
         return self._run(image, int(stamp_ns), None, query_only=True)
 
+    def warm_up(self) -> float:
+        """Run one synthetic frame through every stage, changing no state; returns its milliseconds.
+
+        The first call of an engine allocates its workspaces and thread pools (several seconds on a CPU); doing that
+        at start-up keeps the first camera frame from stalling the stream and dropping the frames behind it.
+        """
+        h, w = self.encoder.info.input_size
+        black = np.zeros((h, w, 3), np.uint8)   # the cost of a frame does not depend on its content
+        return self.query(black, 2 ** 62).timings.total_ms   # far future: no place is excluded as recent
+
     def reset(self) -> None:
         """Forget the temporal chain, the recent places and the keyframe history (the map itself stays)."""
         self.gate.reset()

@@ -191,3 +191,14 @@ def test_real_tiny_encoder_end_to_end():
     result = Localizer(cfg, enc, pmap).process(images[1], 100 * S)
     assert result.status == Status.OK and result.candidates[0].place_id == 1
     assert result.candidates[0].global_similarity == pytest.approx(1.0, abs=1e-4)
+
+
+def test_warm_up_runs_every_stage_and_changes_no_state(encoder):
+    loc = Localizer(config(temporal_consistency=2), encoder, prebuilt_map(encoder))
+    first = loc.process(frame(5), 100 * S)
+    assert first.loop_closure.temporal_support == 1
+    calls, size = encoder.calls, len(loc.place_map)
+    assert loc.warm_up() > 0
+    assert encoder.calls == calls + 1 and len(loc.place_map) == size
+    second = loc.process(frame(5, view=2), 101 * S)
+    assert second.loop_closure.temporal_support == 2   # the warm-up frame did not break the chain

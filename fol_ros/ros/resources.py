@@ -22,7 +22,9 @@ def load_localizer(settings: NodeSettings, config, logger) -> Localizer:
                        'or set mode mapping')
     else:
         logger.info(f'mapping mode: no map at {settings.map_path!r} yet, starting an empty one')
-    return Localizer(config, encoder, place_map, mapping=settings.mode == 'mapping')
+    localizer = Localizer(config, encoder, place_map, mapping=settings.mode == 'mapping')
+    logger.info(f'warm-up frame through every stage: {localizer.warm_up():.0f} ms')
+    return localizer
 
 
 def map_id(localizer: Localizer, map_path: str) -> str:
