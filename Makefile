@@ -22,7 +22,7 @@ test-all:  ## everything, soak and real-data training included
 	$(PY) -m pytest -q
 
 demo: setup  ## the main job: map from traversal 1, node over DDS, replay traversal 2, evaluate
-	$(PY) -m fol_ros.ros.demo
+	$(PY) -m fol_ros.ros.demo $(DEMO_ARGS)
 
 bench: setup
 	$(PY) bench/bench_model.py

@@ -218,7 +218,8 @@ def summarise(out: pathlib.Path, n_frames: int, watcher: Watcher, answered: bool
         _say('latency per frame (ms): ' + ', '.join(f'{k} {v:.0f}' for k, v in lat.items()))
     _say(f'report: {report.resolve()}')
     if not answered:
-        _say(f'FAILED: the node answered {len(watcher.frames)} of {n_frames} frames')
+        _say(f'FAILED: the node answered {len(watcher.frames)} of {n_frames} frames: it is slower than the bag '
+             'rate on this machine (a bigger backbone on a CPU?); replay slower, e.g. make demo DEMO_ARGS="--rate 0.4"')
         return 1
     return 0
 
