@@ -38,7 +38,9 @@ def assets(tmp_path_factory, corridor_dir):
 def tiny_overrides(assets, **extra) -> dict:
     base = {'model.checkpoint': assets['checkpoint'], 'model.input_size': [294, 294], 'engine.engine': 'torch',
             'engine.device': 'cpu', 'search.top_k': 10, 'rerank.top_k': 2, 'verify.method': 'none',
-            'qos_reliability': 'reliable', 'max_rate_hz': 0.0, 'diagnostics_period_s': 0.5}
+            # depth 10: every frame reaches the node's slot, so frames replaced there are all counted as dropped
+            # (with depth 1 the DDS reader itself may overwrite them first, unseen by the node)
+            'qos_reliability': 'reliable', 'qos_depth': 10, 'max_rate_hz': 0.0, 'diagnostics_period_s': 0.5}
     base.update(extra)
     return base
 
