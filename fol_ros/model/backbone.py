@@ -189,19 +189,25 @@ class FoLBackbone(nn.Module):
         self.model = DinoVisionTransformer(ARCHS[name])
 
     def forward(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        _, _, h, w = img.shape
+        return self.forward_trainable(self.frozen_tokens(img), h // PATCH, w // PATCH)
+
+    def frozen_tokens(self, img: torch.Tensor) -> torch.Tensor:
+        """Tokens [B, 1+P, C] entering the last 4 (trainable) blocks; they never carry gradients."""
         m = self.model
-        b, _, h, w = img.shape
-        frozen = len(m.blocks) - NUM_TRAINABLE_BLOCKS
         # The frozen part never gets gradients in FoL (no_grad, then detach), whatever the caller's grad mode.
         with torch.no_grad():
             x = m.prepare_tokens(img)
-            for blk in m.blocks[:frozen]:
+            for blk in m.blocks[:len(m.blocks) - NUM_TRAINABLE_BLOCKS]:
                 x = blk(x)
-        x = x.detach()
-        for blk in m.blocks[frozen:-1]:
+        return x.detach()
+
+    def forward_trainable(self, x: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The last 4 blocks (the last one also giving the CLS attention A) and the final norm, for an h x w grid."""
+        m = self.model
+        for blk in m.blocks[len(m.blocks) - NUM_TRAINABLE_BLOCKS:-1]:
             x = blk(x)
         x, att = m.blocks[-1].forward_with_cls_attention(x)
         x = m.norm(x)
-        t = x[:, 0]
-        f = x[:, 1:].reshape(b, h // PATCH, w // PATCH, m.embed_dim).permute(0, 3, 1, 2)
-        return f, t, att
+        f = x[:, 1:].reshape(x.shape[0], h, w, m.embed_dim).permute(0, 3, 1, 2)
+        return f, x[:, 0], att

@@ -58,10 +58,7 @@ class FrozenCache:
         if self.freeze == 'backbone':
             f, t, att = bb(images)
             return [(f[i].cpu(), t[i].cpu(), att[i].cpu()) for i in range(images.shape[0])]
-        m = bb.model
-        x = m.prepare_tokens(images)
-        for blk in m.blocks[:len(m.blocks) - NUM_TRAINABLE_BLOCKS]:
-            x = blk(x)
+        x = bb.frozen_tokens(images)
         return [(x[i].cpu(),) for i in range(images.shape[0])]
 
     def batch(self, dataset, chunk: Sequence[int]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
@@ -110,14 +107,8 @@ class FrozenCache:
             raise RuntimeError('FrozenCache: no staged batch')
         if self.freeze == 'backbone':
             return self._staged
-        m = self.net.backbone.model
-        b, _, h, w = img.shape
-        x = self._staged[0]
-        for blk in m.blocks[len(m.blocks) - NUM_TRAINABLE_BLOCKS:-1]:
-            x = blk(x)
-        x, att = m.blocks[-1].forward_with_cls_attention(x)
-        x = m.norm(x)
-        return x[:, 1:].reshape(b, h // PATCH, w // PATCH, m.embed_dim).permute(0, 3, 1, 2), x[:, 0], att
+        _, _, h, w = img.shape
+        return self.net.backbone.forward_trainable(self._staged[0], h // PATCH, w // PATCH)
 
     def __len__(self) -> int:
         return len(self._store)
