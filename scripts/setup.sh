@@ -20,6 +20,10 @@ mkdir -p "$(dirname "$VENV")"
 exec 9>"$ROOT/.setup.lock"
 flock 9
 
+for tool in cmake cc c++; do
+  command -v "$tool" >/dev/null || fail "prerequisites: '$tool' not found (apt-get install cmake build-essential)"
+done
+
 if [ ! -x "$VENV/bin/python" ]; then
   step "creating virtual environment $VENV"
   "$PY" -m venv "$VENV" || fail "venv (is python3-venv installed? apt-get install python3-venv)"
