@@ -85,8 +85,9 @@ if [ "${FOL_ROS_TEST_DATA:-0}" = 1 ] && [ ! -f /usr/share/doc/opencv-doc/example
   # Debian's opencv-doc carries graf1/graf3 with their ground-truth homography (geometric verification test).
   step "installing Debian's opencv-doc (test data: graf1/graf3 + H1to3p)"
   if [ "$(id -u)" = 0 ]; then
+    # Test data only: without it one test skips (naming this package), so a mirror outage must not stop the suite.
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq opencv-doc >/dev/null; } \
-      || fail "apt-get install opencv-doc"
+      || echo "[setup] WARNING: apt-get install opencv-doc failed; the graf1/graf3 test will be skipped" >&2
   else
     echo "[setup] not root: run 'sudo apt-get install opencv-doc' for the graf1/graf3 test (skipped without it)"
   fi
