@@ -126,6 +126,8 @@ def ort_session(path: pathlib.Path | str, providers: list | None = None, threads
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # Idle workers sleep instead of spinning: re-ranking (torch) runs on the same cores right after each encode.
+    so.add_session_config_entry('session.intra_op.allow_spinning', '0')
     if threads:
         so.intra_op_num_threads = threads
     try:
