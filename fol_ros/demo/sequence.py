@@ -4,11 +4,13 @@ The photographs that a fresh machine can have (scikit-image's sample photos and 
 patchnetvlad wheel) are laid side by side into one long strip, like a gallery wall or a street facade. A camera moving
 along the strip sees a window that slides by `step_px` per frame; the strip's x axis is the route's x axis in metres.
 The second traversal revisits every place under changed conditions: lateral offset, zoom, roll and tilt of the camera,
-darker and bluer light, sensor noise and JPEG compression. Poses are exact, so every query has a known ground truth.
+darker and bluer light, sensor noise and JPEG compression. Poses are exact, so every query has a known ground truth;
+`drifting_odometry` makes the odometry a robot would really have on the revisit (scale error, heading bias, noise).
 """
 from __future__ import annotations
 
 import logging
+import math
 import os
 import pathlib
 import subprocess
@@ -55,6 +57,56 @@ class Frame:
     stamp_ns: int
     pose: Pose
     index: int
+
+
+@dataclass(frozen=True)
+class OdometryDrift:
+    """Deterministic odometry error of the revisit, typical of wheel or visual odometry.
+
+    scale_error: travelled distance over-estimated by this fraction (3 % of the distance).
+    heading_bias_rad_per_m: heading error added per metre (a gyro bias at constant speed): 0.001 rad/m is
+        0.06 deg per metre, 5.7 deg after 100 m, so the position error grows quadratically sideways.
+    noise_m, noise_rad: white noise per step on the step length and on the heading change.
+    """
+
+    scale_error: float = 0.03
+    heading_bias_rad_per_m: float = 0.001
+    noise_m: float = 0.01
+    noise_rad: float = 0.0005
+    seed: int = 11
+
+
+def _yaw(pose: Pose) -> float:
+    x, y, z, w = pose.orientation
+    return math.atan2(2.0 * (w * z + x * y), 1.0 - 2.0 * (y * y + z * z))
+
+
+def drifting_odometry(truth: list[Pose], drift: OdometryDrift = OdometryDrift()) -> list[Pose]:
+    """Dead-reckoned planar odometry along `truth`, starting at the true first pose (frame 'odom').
+
+    Each true step, expressed in the body frame, is scaled, rotated by the accumulated heading error and noised,
+    then integrated; z is kept from the truth. Seeded: the same route gives the same odometry.
+    """
+    rng = np.random.default_rng(drift.seed)
+    if not truth:
+        return []
+    x, y = truth[0].position[:2]
+    yaw = _yaw(truth[0])
+    out = [Pose(truth[0].position, truth[0].orientation, 'odom')]
+    for prev, cur in zip(truth[:-1], truth[1:]):
+        yaw_prev = _yaw(prev)
+        dx, dy = cur.position[0] - prev.position[0], cur.position[1] - prev.position[1]
+        # the true step in the body frame, then as the drifting odometry measures it
+        fwd = math.cos(yaw_prev) * dx + math.sin(yaw_prev) * dy
+        side = -math.sin(yaw_prev) * dx + math.cos(yaw_prev) * dy
+        step = math.hypot(fwd, side)
+        scale = (1.0 + drift.scale_error) * (1.0 + (rng.normal(0.0, drift.noise_m) / step if step > 0 else 0.0))
+        fwd, side = fwd * scale, side * scale
+        x += math.cos(yaw) * fwd - math.sin(yaw) * side
+        y += math.sin(yaw) * fwd + math.cos(yaw) * side
+        yaw += math.remainder(_yaw(cur) - yaw_prev, math.tau) + drift.heading_bias_rad_per_m * step + rng.normal(0.0, drift.noise_rad)
+        out.append(Pose((x, y, cur.position[2]), (0.0, 0.0, math.sin(yaw / 2), math.cos(yaw / 2)), 'odom'))
+    return out
 
 
 def _cache_dir() -> pathlib.Path:
