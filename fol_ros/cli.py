@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     'fol_ros.commands.map',       # map build / info / compact
     'fol_ros.commands.eval',      # eval
     'fol_ros.commands.train',     # train
+    'fol_ros.commands.config',    # config yaml / docs / show (the settings schema)
 )
 
 

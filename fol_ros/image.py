@@ -12,10 +12,9 @@ import struct
 import cv2
 import numpy as np
 
-from fol_ros.errors import BadInputError
-
 # 8192 x 4096 is far above any camera the node serves; a bigger frame is almost surely a bug or an attack.
-DEFAULT_MAX_PIXELS = 8192 * 4096
+from fol_ros.config import DEFAULT_MAX_PIXELS
+from fol_ros.errors import BadInputError
 
 # encoding -> (channels, bytes per channel, cv2 conversion to RGB or None)
 RAW_ENCODINGS: dict[str, tuple[int, int, int | None]] = {

@@ -18,6 +18,7 @@ from fol_ros.config import GateConfig, PipelineConfig
 from fol_ros.errors import BadInputError, ConfigError
 from fol_ros.pipeline import Result, Status
 from fol_ros.records import Candidate, Pose, RelativePose, StageTimings
+from fol_ros import schema
 from fol_ros.ros import convert, params
 from fol_ros.ros.diagnostics import NodeStats, diagnostic_array
 from fol_ros.verify.gate import Decision
@@ -71,26 +72,36 @@ def test_bad_values_raise_config_error(ros, overrides, match):
     node.destroy_node()
 
 
-def test_yaml_documents_every_parameter(repo_root):
-    text = (repo_root / 'config' / 'fol_ros.yaml').read_text()
-    values = yaml.safe_load(text)['/**']['ros__parameters']
-    declared = {name for name, _ in params._declarations()}
-    optional = {f'{g}.{f}' for g, f in params.OPTIONAL_DOUBLE_ARRAYS}
-    assert set(values) == declared - optional
-    for name in optional:
-        assert f'# {name}:' in text   # documented, left unset (an empty list cannot be typed in a params file)
-    for line in text.splitlines():
-        if ':' in line and not line.lstrip().startswith('#') and 'ros__parameters' not in line and '/**' not in line:
-            assert '#' in line, f'undocumented parameter line: {line}'
-    assert '/home' not in text and '/work' not in text and '/opt' not in text
-
-
 def test_yaml_values_build_valid_configs(ros, repo_root):
     values = yaml.safe_load((repo_root / 'config' / 'fol_ros.yaml').read_text())['/**']['ros__parameters']
     values['map_path'] = 'maps/x'
     node = _node(ros, values)
     settings, config = params.read_all(node)
-    assert settings.autostart is True and config.search.top_k == 25 and config.rerank.top_k == 10
+    assert settings == params.NodeSettings(map_path='maps/x') and config == PipelineConfig()
+    node.destroy_node()
+
+
+@pytest.mark.parametrize('name, value, configured, match', [
+    ('gate.min_local_matches', 40, True, ''),                          # live: accepted while configured
+    ('gate.min_local_matches', 2.5, False, 'wrong type'),
+    ('gate.min_local_matches', -1, False, 'must be >= 0'),
+    ('search.index_type', 'hnsw', True, 'read at configure'),          # would change nothing until configure
+    ('search.index_type', 'hnsw', False, ''),
+    ('mode', 'slam', False, 'not one of'),
+    ('max_rate_hz', 'fast', True, 'wrong type'),
+    ('use_sim_time', True, True, ''),                                  # rclpy's own parameter
+])
+def test_parameter_changes_are_checked(name, value, configured, match):
+    reason = params.check_change(name, value, configured)
+    assert (match in reason and reason) if match else reason == ''
+
+
+def test_descriptors_carry_the_schema(ros):
+    node = _node(ros, {})
+    d = node.describe_parameter('gate.min_local_matches')
+    assert 'FoL mutual-NN matches' in d.description and 'allowed: >= 0' in d.additional_constraints
+    assert 'live' in d.additional_constraints
+    assert 'read at configure' in node.describe_parameter('model.checkpoint').additional_constraints
     node.destroy_node()
 
 
@@ -188,11 +199,11 @@ def test_launch_file_static(repo_root, monkeypatch):
     entities = description.args[0]
     declared = {e.args[0]: e.kwargs['default_value'] for e in entities if type(e).__name__ == 'DeclareLaunchArgument'}
     assert set(declared) == {'image_topic', 'compressed', 'map_path', 'mode', 'checkpoint', 'engine', 'params_file',
-                             'use_sim_time', 'namespace', 'autostart'}
+                             'use_sim_time', 'namespace', 'autostart', 'odom_topic', 'strict_arguments'}
     share = declared['params_file'].args[0]
     assert share[1:] == ['config', 'fol_ros.yaml'] and share[0].args == ('fol_ros',)
     setup = next(e for e in entities if type(e).__name__ == 'OpaqueFunction').kwargs['function']
-    context = types.SimpleNamespace(launch_configurations={
+    context = types.SimpleNamespace(argv=['image_topic:=/cam/image'], launch_configurations={
         'params_file': 'p.yaml', 'use_sim_time': 'true', 'namespace': 'robot1', 'image_topic': '/cam/image',
         'compressed': 'true', 'map_path': '', 'mode': '', 'checkpoint': 'w.pth', 'engine': '', 'autostart': 'false'})
     node, = setup(context)
@@ -202,7 +213,7 @@ def test_launch_file_static(repo_root, monkeypatch):
     assert kw['parameters'][0] == 'p.yaml'
     assert kw['parameters'][1] == {'use_sim_time': True, 'image_topic': '/cam/image', 'compressed': True,
                                    'model.checkpoint': 'w.pth', 'autostart': False}
-    declared_params = {name for name, _ in params._declarations()} | {'use_sim_time'}
+    declared_params = set(schema.by_name()) | {'use_sim_time'}
     assert set(kw['parameters'][1]) <= declared_params
     # the executable is installed by CMake and is a python launcher of this node
     assert 'scripts/place_recognition_node' in (repo_root / 'CMakeLists.txt').read_text()
@@ -210,6 +221,11 @@ def test_launch_file_static(repo_root, monkeypatch):
     assert launcher.stat().st_mode & 0o111 and 'fol_ros.ros.node import main' in launcher.read_text()
     with pytest.raises(ValueError, match='true or false'):
         setup(types.SimpleNamespace(launch_configurations={'params_file': 'p', 'compressed': 'maybe'}))
+    # the README once passed map:= (no such argument): launch would ignore it and the node would stay unconfigured
+    with pytest.raises(RuntimeError, match='unknown launch argument.*map .did you mean map_path'):
+        setup(types.SimpleNamespace(argv=['map:=/maps/x'], launch_configurations={'params_file': 'p'}))
+    node, = setup(types.SimpleNamespace(argv=['map:=/maps/x'], launch_configurations={
+        'params_file': 'p', 'strict_arguments': 'false'}))
 
 
 def test_launch_file_with_real_launch(repo_root):

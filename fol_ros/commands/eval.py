@@ -13,6 +13,8 @@ import logging
 import sys
 from pathlib import Path
 
+from fol_ros import schema
+
 log = logging.getLogger(__name__)
 
 
@@ -23,17 +25,9 @@ def register(subparsers) -> None:
     src.add_argument('--dataset', metavar='DIR', help='VPR-methods-evaluation (database/, queries/) or VPR-Bench '
                      '(ref/, query/, ground_truth_new.npy) folder')
     src.add_argument('--bag', metavar='BAG', help='rosbag2 folder or file (sqlite3 or MCAP)')
-    p.add_argument('--checkpoint', default='', help="FoL checkpoint; '' = the default ViT-S/14 (fol-ros weights)")
-    p.add_argument('--backbone', default='', choices=['', 'vits14', 'vitb14', 'vitl14'],
-                   help="'' = infer from the checkpoint")
-    p.add_argument('--size', type=int, default=322, help='square network input size (322 README, 504 paper)')
     p.add_argument('--rerank-k', type=int, default=None,
                    help='candidates re-ranked per query, 0 = global only (default: 100 for --dataset as in the '
                         "paper; the node's rerank.top_k for --bag)")
-    p.add_argument('--engine', default='auto', choices=['auto', 'torch', 'onnxruntime', 'tensorrt'],
-                   help="inference back end ('auto' logs its choice)")
-    p.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda', 'cuda:N' (encoder and re-ranking)")
-    p.add_argument('--precision', default='fp16', choices=['fp32', 'fp16', 'bf16'], help='GPU precision')
     p.add_argument('--out', required=True, metavar='RESULT.json', help='result file')
     p.add_argument('--report', default='', metavar='HTML', help="HTML report ('' = RESULT.html beside --out)")
     p.add_argument('--no-report', action='store_true', help='write only the JSON')
@@ -49,18 +43,8 @@ def register(subparsers) -> None:
     b.add_argument('--image-topic', default='', help='sensor_msgs/Image or CompressedImage topic')
     b.add_argument('--pose-topic', default='', help='PoseStamped, PoseWithCovarianceStamped or Odometry topic')
     b.add_argument('--map', default='', help="place map to localise against ('' = single traversal, mapping mode)")
-    b.add_argument('--exclude-recent-s', type=float, default=None,
-                   help="places newer than this many seconds are neither candidates nor positives (default: the "
-                        "node's gate.exclude_recent_s, 30)")
-    b.add_argument('--params', default='', help='node parameter YAML (the settings the node runs with)')
+    schema.add_cli_options(p, tuple(schema.GROUPS))
     p.set_defaults(func=run)
-
-
-def _pipeline_config(args: argparse.Namespace):
-    from fol_ros.config import EngineConfig, ModelConfig, PipelineConfig
-    model = ModelConfig(checkpoint=args.checkpoint, backbone=args.backbone, input_size=(args.size, args.size))
-    engine = EngineConfig(engine=args.engine, device=args.device, precision=args.precision)
-    return PipelineConfig(model=model, engine=engine)
 
 
 def _report(args: argparse.Namespace, result: dict, pairs: list) -> Path | None:
@@ -79,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix.lower() != '.json':
         raise ConfigError(f'--out {out}: give a .json file name (the report goes beside it as .html)')
-    config = _pipeline_config(args)
+    # the node's own settings (the shipped YAML, or --params) so that --bag evaluates what the node runs
+    config = schema.config_from_args(args)
     encoder = create_encoder(config.model, config.engine)
     log.info('model %s on %s', encoder.info.label or encoder.info.fingerprint, encoder.name)
     if args.dataset:
@@ -88,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         ds = load_dataset(args.dataset, queries=args.queries, radius_m=args.radius)
         opts = DatasetEvalOptions(rerank_k=100 if args.rerank_k is None else args.rerank_k, recall_values=tuple(args.recall_values),
                                   batch_size=args.batch_size, memory_budget_mb=args.rerank_budget_mb,
-                                  rerank_device=resolve_device(args.device), work_dir=args.work_dir)
+                                  rerank_device=resolve_device(config.engine.device), work_dir=args.work_dir)
         result = evaluate_dataset(ds, encoder, opts)
         pairs = [] if args.no_report else report_pairs(result, ds, encoder, args.pairs)
     else:
@@ -96,8 +81,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError('--bag needs --image-topic and --pose-topic (ground truth comes from the poses)')
         from fol_ros.eval.bag import BagEvalOptions, evaluate_bag, report_pairs as bag_pairs
         opts = BagEvalOptions(image_topic=args.image_topic, pose_topic=args.pose_topic, map_path=args.map,
-                              radius_m=args.radius, exclude_recent_s=args.exclude_recent_s,
-                              rerank_k=args.rerank_k, params_file=args.params)
+                              radius_m=args.radius, rerank_k=args.rerank_k)
         result = evaluate_bag(Path(args.bag), encoder, config, opts)
         pairs = [] if args.no_report else bag_pairs(result, encoder, args.pairs)
     result['peak_rss_mb'] = peak_rss_mb()

@@ -13,6 +13,8 @@ import logging
 import sys
 from pathlib import Path
 
+from fol_ros import schema
+
 log = logging.getLogger(__name__)
 
 
@@ -32,20 +34,9 @@ def register(subparsers) -> None:
     b.add_argument('--pose-tolerance', type=float, default=0.1, help='max |image - pose| stamp difference (s)')
     b.add_argument('--out', required=True, metavar='MAP', help='map directory to create')
     b.add_argument('--force', action='store_true', help='replace an existing map at --out (atomically)')
-    b.add_argument('--checkpoint', default='', help="FoL checkpoint; '' = the default ViT-S/14 (fol-ros weights)")
-    b.add_argument('--backbone', default='', choices=['', 'vits14', 'vitb14', 'vitl14'], help="'' = infer")
-    b.add_argument('--size', type=int, default=322, help='square network input size (322 README, 504 paper)')
-    b.add_argument('--engine', default='auto', choices=['auto', 'torch', 'onnxruntime', 'tensorrt'])
-    b.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda', 'cuda:N'")
-    b.add_argument('--precision', default='fp16', choices=['fp32', 'fp16', 'bf16'], help='GPU precision')
     b.add_argument('--batch-size', type=int, default=8, help='images per encoder call')
-    b.add_argument('--min-distance', type=float, default=1.0, help='keyframe after this travel (m; 0 = off)')
-    b.add_argument('--min-interval', type=float, default=1.0, help='keyframe after this time (s; 0 = off)')
-    b.add_argument('--novelty', type=float, default=0.9,
-                   help='keyframe when the best global similarity to the map is below this (0 = off)')
-    b.add_argument('--index', default='flat', choices=['flat', 'ivf', 'hnsw'],
-                   help='ivf/hnsw: also build and save the approximate index (index.faiss)')
     b.add_argument('--no-progress', action='store_true', help='no progress bar')
+    schema.add_cli_options(b, ('model', 'engine', 'search', 'keyframe'))
     b.set_defaults(func=run_build)
     i = sub.add_parser('info', help='verify a map and print its metadata and counts', formatter_class=fmt)
     i.add_argument('map', metavar='MAP')
@@ -72,23 +63,20 @@ def _source(args: argparse.Namespace):
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from fol_ros.config import EngineConfig, KeyframeConfig, ModelConfig, SearchConfig
+    import dataclasses
+
     from fol_ros.encode.base import create_encoder
     from fol_ros.search.build import build_map
-    keyframe = KeyframeConfig(min_distance_m=args.min_distance, min_interval_s=args.min_interval,
-                              novelty_threshold=args.novelty)
+    config = schema.config_from_args(args)
     source = _source(args)   # validate the input before loading a model
-    encoder = create_encoder(ModelConfig(checkpoint=args.checkpoint, backbone=args.backbone,
-                                         input_size=(args.size, args.size)),
-                             EngineConfig(engine=args.engine, device=args.device, precision=args.precision,
-                                          max_batch=max(1, args.batch_size)))
+    encoder = create_encoder(config.model, dataclasses.replace(config.engine, max_batch=max(1, args.batch_size)))
     log.info('encoder %s, model %s', encoder.name, encoder.info.fingerprint)
-    report = build_map(source, encoder, args.out, keyframe, args.batch_size, overwrite=args.force,
+    report = build_map(source, encoder, args.out, config.keyframe, args.batch_size, overwrite=args.force,
                        progress=not args.no_progress, tool='fol-ros ' + ' '.join(sys.argv[1:]))
-    if args.index != 'flat':
+    if config.search.index_type != 'flat':
         from fol_ros.search.index import GlobalIndex
         from fol_ros.search.place_map import PlaceMap
-        GlobalIndex.for_map(PlaceMap.load(args.out, verify='size'), SearchConfig(index_type=args.index))
+        GlobalIndex.for_map(PlaceMap.load(args.out, verify='size'), config.search)
     print(f'{report.out}: {report.places} places from {report.frames} frames '
           f'({report.with_pose} with a pose; {dict(report.reasons)}) in {report.seconds:.1f} s')
     return 0

@@ -71,51 +71,14 @@ def eval_pipeline_config(config: PipelineConfig, opts: BagEvalOptions) -> Pipeli
     return dataclasses.replace(config, rerank=rerank, search=search, gate=gate)
 
 
-PARAM_GROUPS = ('search', 'rerank', 'verify', 'gate', 'keyframe')
-
-
 def apply_node_params(config: PipelineConfig, params_file: str | Path) -> PipelineConfig:
-    """Apply a node parameter YAML (`<node>: ros__parameters: {gate.min_local_matches: 20, ...}`) to `config`.
+    """Apply the pipeline settings of a node parameter YAML to `config` (node settings such as topics are ignored).
 
-    Only the stage groups (search, rerank, verify, gate, keyframe) are taken: the model and engine come from the
-    eval command line, and node settings (topics, QoS) do not affect the pipeline.
+    Raises:
+        ConfigError: unreadable file, unknown parameter name (with the closest match), wrong type or range.
     """
-    import yaml
-
-    path = Path(params_file)
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f'cannot read node parameters {path}: {exc}') from exc
-    params = next((v['ros__parameters'] for v in (doc or {}).values()
-                   if isinstance(v, dict) and isinstance(v.get('ros__parameters'), dict)), None)
-    if params is None:
-        raise ConfigError(f'{path}: no "<node name>: ros__parameters:" section')
-    flat: dict[str, object] = {}
-
-    def walk(prefix: str, node: dict) -> None:
-        for k, v in node.items():
-            name = f'{prefix}.{k}' if prefix else str(k)
-            walk(name, v) if isinstance(v, dict) else flat.__setitem__(name, v)
-
-    walk('', params)
-    for group in PARAM_GROUPS:
-        current = getattr(config, group)
-        fields = {f.name: getattr(current, f.name) for f in dataclasses.fields(current)}
-        changes = {}
-        for name, value in flat.items():
-            g, _, field_name = name.partition('.')
-            if g != group:
-                continue
-            if field_name not in fields:
-                raise ConfigError(f'{path}: unknown parameter {name}; {group} has {", ".join(fields)}')
-            default = fields[field_name]
-            changes[field_name] = (tuple(value) if isinstance(value, list) else
-                                   float(value) if isinstance(default, float) and not isinstance(value, bool)
-                                   else value)
-        if changes:
-            config = dataclasses.replace(config, **{group: dataclasses.replace(current, **changes)})
-    return config
+    from fol_ros import schema
+    return schema.pipeline_config(schema.read_params_file(params_file), config)
 
 
 def load_map_places(path: str | Path) -> list[tuple[int, int, tuple[float, float, float] | None]]:

@@ -5,7 +5,7 @@ import logging
 import os
 
 from fol_ros.pipeline import Localizer
-from fol_ros.ros.params import NodeSettings
+from fol_ros.config import NodeSettings
 
 
 def load_localizer(settings: NodeSettings, config, logger) -> Localizer:
