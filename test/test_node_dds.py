@@ -1,6 +1,7 @@
 """place_recognition_node as a real process over DDS on loopback, with the seeded tiny FoL model:
 lifecycle transitions (and failed configures that leave the node serving), every bad input, the newest-frame
 slot, the services, and loop closures in an online-mapping session (none inside the exclusion window)."""
+import pathlib
 import shutil
 import time
 
@@ -203,8 +204,10 @@ def test_save_and_reset_services(loc, assets):
     node, client = loc
     reset = client.call(client.reset, Trigger.Request())
     assert reset.success
-    saved = client.call(client.save_map, Trigger.Request())
-    assert saved.success and f'{MAP_SIZE} places' in saved.message
+    before = sorted(p.stat().st_mtime_ns for p in pathlib.Path(assets['map']).iterdir())
+    saved = client.call(client.save_map, Trigger.Request())   # localization: the map is read-only
+    assert not saved.success and 'read-only' in saved.message and 'mapping' in saved.message
+    assert sorted(p.stat().st_mtime_ns for p in pathlib.Path(assets['map']).iterdir()) == before
     assert len(PlaceMap.load(assets['map'])) == MAP_SIZE
 
 

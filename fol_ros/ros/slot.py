@@ -17,18 +17,31 @@ class FrameSlot:
 
     def __init__(self, max_rate_hz: float = 0.0, clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep) -> None:
-        self.period = 1.0 / max_rate_hz if max_rate_hz > 0 else 0.0
+        self.period = 0.0
+        self.set_rate(max_rate_hz)
         self._clock, self._sleep = clock, sleep
-        self._lock = threading.Lock()
+        self._cond = threading.Condition()
         self._item: Any = None
         self._next_start = 0.0
+        self._closed = False
+
+    def set_rate(self, max_rate_hz: float) -> None:
+        """Change the rate limit (0 = none)."""
+        self.period = 1.0 / max_rate_hz if max_rate_hz > 0 else 0.0
 
     def put(self, item: Any) -> bool:
         """Store the newest frame; True if it replaced one that was never processed (a dropped frame)."""
-        with self._lock:
+        with self._cond:
             replaced = self._item is not None
             self._item = item
+            self._cond.notify_all()
         return replaced
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until a frame is pending or the slot is closed (or timeout); True if a frame is pending."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._item is not None or self._closed, timeout)
+            return self._item is not None and not self._closed
 
     def take(self) -> Any:
         """Wait until the rate limit allows the next frame, then return the newest one (None if empty).
@@ -38,7 +51,7 @@ class FrameSlot:
         wait = self._next_start - self._clock()
         if wait > 0:
             self._sleep(wait)
-        with self._lock:
+        with self._cond:
             item, self._item = self._item, None
         if item is not None:
             self._next_start = self._clock() + self.period
@@ -46,5 +59,16 @@ class FrameSlot:
 
     def clear(self) -> None:
         """Drop the pending frame (deactivate, reset)."""
-        with self._lock:
+        with self._cond:
             self._item = None
+
+    def close(self) -> None:
+        """Wake every waiter for good (the worker ends)."""
+        with self._cond:
+            self._closed = True
+            self._item = None
+            self._cond.notify_all()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
