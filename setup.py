@@ -19,5 +19,6 @@ setup(
         'fol-ros-node = fol_ros.ros.node:main',
         'fol-ros-recorder = fol_ros.ros.recorder:main',
         'fol-ros-play = fol_ros.ros.player:main',
+        'fol-ros-posegraph = fol_ros.ros.posegraph_node:main',
     ]},
 )

@@ -235,12 +235,14 @@ class BagSource:
 
 def write_bag(path: str | Path, images, poses=(), *, image_topic: str = '/camera/image_raw',
               pose_topic: str = '/odom', storage: str = 'mcap', compressed: bool = False,
-              pose_type: str = 'odometry', camera_frame: str = 'camera') -> Path:
+              pose_type: str = 'odometry', camera_frame: str = 'camera', extra_poses=None) -> Path:
     """Write a rosbag2 from (stamp ns, RGB uint8) images and (stamp ns, Pose) poses, merged in time order.
 
     Args:
         storage: 'mcap' or 'sqlite3'. compressed: CompressedImage (JPEG) instead of raw rgb8 Image.
         pose_type: 'odometry' (nav_msgs/Odometry) or 'pose_stamped' (geometry_msgs/PoseStamped).
+        extra_poses: {topic: [(stamp ns, Pose)]} more pose topics of the same type, e.g. '/ground_truth' beside a
+            drifting '/odom'.
     """
     from rosbags.rosbag2 import StoragePlugin, Writer
     from rosbags.typesys import Stores, get_typestore
@@ -250,16 +252,20 @@ def write_bag(path: str | Path, images, poses=(), *, image_topic: str = '/camera
     path, ts = Path(path), get_typestore(Stores.ROS2_HUMBLE)
     img_type = IMAGE_TYPES[1] if compressed else IMAGE_TYPES[0]
     pose_msgtype = POSE_TYPES[0] if pose_type == 'odometry' else POSE_TYPES[1]
-    pending = sorted(poses, key=lambda sp: sp[0])
+    streams = {pose_topic: list(poses), **(extra_poses or {})}
+    pending = sorted(((stamp, topic, pose) for topic, items in streams.items() for stamp, pose in items),
+                     key=lambda item: item[0])
     plugin = StoragePlugin.MCAP if storage == 'mcap' else StoragePlugin.SQLITE3
     with Writer(path, version=8, storage_plugin=plugin) as writer:
         img_conn = writer.add_connection(image_topic, img_type, typestore=ts)
-        pose_conn = writer.add_connection(pose_topic, pose_msgtype, typestore=ts) if pending else None
+        pose_conns = {topic: writer.add_connection(topic, pose_msgtype, typestore=ts)
+                      for topic, items in streams.items() if items}
 
         def flush_poses(until: int) -> None:
             while pending and pending[0][0] <= until:
-                stamp, pose = pending.pop(0)
-                writer.write(pose_conn, stamp, ts.serialize_cdr(_pose_msg(ts, pose_type, stamp, pose), pose_msgtype))
+                stamp, topic, pose = pending.pop(0)
+                writer.write(pose_conns[topic], stamp,
+                             ts.serialize_cdr(_pose_msg(ts, pose_type, stamp, pose), pose_msgtype))
 
         for stamp, rgb in images:
             flush_poses(stamp)

@@ -39,6 +39,8 @@ if ! done_already deps "$h"; then
 else
   step "dependencies up to date"
 fi
+# the pose-graph example and the trajectory error need these two; fail here, not in the middle of the demo
+"$VENV/bin/python" -c 'import gtsam, evo.core.metrics' || fail "gtsam / evo import (pip install gtsam evo, requirements.txt)"
 
 h=$(hash_of CMakeLists.txt package.xml msg/*.msg srv/*.srv requirements-ros.txt)
 if ! done_already interfaces "$h"; then

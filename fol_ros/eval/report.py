@@ -1,7 +1,8 @@
 """Self-contained HTML report of an evaluation result: tables plus PNG plots embedded as base64.
 
-Plots: the precision-recall curve, Recall@N bars (global vs re-ranked), latency percentiles, and a few
-query/match pairs with their mutual-NN local tokens drawn (OpenCV).
+Plots: the precision-recall curve, Recall@N bars (global vs re-ranked), latency percentiles, the odometry and the
+loop-closed trajectory over the ground truth (when the result has a `trajectory` block), and a few query/match pairs
+with their mutual-NN local tokens drawn (OpenCV).
 """
 from __future__ import annotations
 
@@ -116,6 +117,28 @@ def plot_recalls(recall_global: dict, recall_rerank: dict) -> str:
     return _figure_b64(fig)
 
 
+def plot_trajectories(trajectory: dict) -> str:
+    """Top view (x, y) of the ground truth, the drifting odometry and the pose graph's loop-closed trajectory."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for key, label, style in (('ground_truth', 'ground truth', dict(color='k', lw=2.5, alpha=0.5)),
+                              ('odometry', f'odometry: ATE {trajectory["ate_odometry_m"]:.2f} m', dict(color='tab:red')),
+                              ('loop_closed', f'odometry + FoL loop closures: ATE {trajectory["ate_loop_closed_m"]:.2f} m',
+                               dict(color='tab:green', marker='.', ms=3))):
+        xyz = np.asarray(trajectory.get(key, {}).get('xyz', []), np.float64).reshape(-1, 3)
+        if len(xyz):
+            ax.plot(xyz[:, 0], xyz[:, 1], label=label, **style)
+    ax.set_xlabel('x (m)')
+    ax.set_ylabel('y (m)')
+    ax.set_aspect('equal', adjustable='datalim')
+    ax.legend(loc='best', fontsize=8)
+    ax.grid(alpha=0.3)
+    return _figure_b64(fig)
+
+
 def _table(rows: list[tuple], header: tuple) -> str:
     head = ''.join(f'<th>{html.escape(str(h))}</th>' for h in header)
     body = ''.join('<tr>' + ''.join(f'<td>{html.escape(_fmt(c))}</td>' for c in r) + '</tr>' for r in rows)
@@ -147,6 +170,12 @@ def write_report(result: dict, out_html: str | Path, pairs: list[PairView] = ())
             parts.append(f'<img src="data:image/png;base64,{plot_pr(curve, title)}">')
             if isinstance(block, dict) and 'gate' in block:
                 parts.append(_table(list(block['gate'].items()), ('node gate', 'value')))
+    traj = result.get('trajectory')
+    if traj:
+        parts.append('<h2>Trajectory: drifting odometry vs odometry + FoL loop closures (pose graph)</h2>')
+        parts.append(_table([(k, traj[k]) for k in ('ate_odometry_m', 'ate_loop_closed_m', 'drift_removed',
+                                                    'metric', 'alignment') if k in traj], ('trajectory', 'value')))
+        parts.append(f'<img src="data:image/png;base64,{plot_trajectories(traj)}">')
     lat = result.get('latency_ms', {})
     if lat:
         cols = [c for c in ('n', 'mean', 'p50', 'p90', 'p99', 'max') if any(c in r for r in lat.values())]

@@ -1,11 +1,14 @@
 """`make demo`: the product's main job end to end, on a fresh machine, in a few minutes on 2 CPU cores.
 
-1. Writes the demo route (fol_ros.demo.sequence) as two rosbag2 (MCAP) recordings: traversal 1 and the revisit.
+1. Writes the demo route (fol_ros.demo.sequence) as two rosbag2 (MCAP) recordings: traversal 1 and the revisit. The
+   revisit's /odom is drifting odometry (seeded: 3 % scale error, a heading bias, noise); /ground_truth is exact.
 2. Builds a place map from traversal 1 with `fol-ros map build`.
-3. Starts place_recognition_node as its own process with config/fol_ros.yaml, plus the live recorder.
+3. Starts place_recognition_node as its own process with config/fol_ros.yaml, the pose graph (`fol-ros-posegraph`:
+   /odom + /loop_closure -> /posegraph/path) and the live recorder.
 4. Replays traversal 2 into the node over DDS on loopback at the bag's rate (`fol-ros-play --clock`), printing each
    loop closure as it arrives.
-5. Ends with the evaluation (recall, precision-recall, latency) and the path of the HTML report.
+5. Ends with the evaluation (recall against the ground truth, precision-recall, latency, and the trajectory error
+   of the odometry alone vs with FoL loop closures) and the path of the HTML report.
 Exit code 0 only when the node answered every frame it was sent and the report exists.
 """
 from __future__ import annotations
@@ -13,7 +16,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
+import shutil
 import pathlib
 import signal
 import subprocess
@@ -23,6 +28,8 @@ import time
 REPO = pathlib.Path(__file__).resolve().parents[2]
 IMAGE_TOPIC = '/camera/image_raw/compressed'
 POSE_TOPIC = '/odom'
+GROUND_TRUTH_TOPIC = '/ground_truth'
+PATH_TOPIC = '/posegraph/path'
 
 
 def _loopback_env() -> dict:
@@ -41,8 +48,10 @@ def _say(text: str) -> None:
 
 
 def write_bags(out: pathlib.Path, quick: bool) -> tuple[pathlib.Path, pathlib.Path, int]:
-    """Traversal 1 and the revisit as MCAP bags with compressed images and odometry; returns frames in the revisit."""
-    from fol_ros.demo.sequence import RouteConfig, load_strip, traversal
+    """Traversal 1 and the revisit as MCAP bags with compressed images, odometry and ground truth; returns the number
+    of frames in the revisit. Traversal 1's /odom is exact (the map's reference run, e.g. an optimised SLAM
+    trajectory); the revisit's /odom drifts, as a robot's odometry does."""
+    from fol_ros.demo.sequence import RouteConfig, drifting_odometry, load_strip, traversal
     from fol_ros.sources import write_bag
     config = RouteConfig()
     strip = load_strip(config)
@@ -52,12 +61,20 @@ def write_bags(out: pathlib.Path, quick: bool) -> tuple[pathlib.Path, pathlib.Pa
     for revisit in (False, True):
         frames = traversal(strip, config, revisit)
         path = out / ('traversal2' if revisit else 'traversal1')
+        truth = [(f.stamp_ns, f.pose) for f in frames]
+        odom = list(zip([f.stamp_ns for f in frames], drifting_odometry([f.pose for f in frames]))) if revisit \
+            else truth
+        if path.exists() and GROUND_TRUTH_TOPIC not in (path / 'metadata.yaml').read_text():
+            shutil.rmtree(path)    # written by an older demo without ground truth
         if not path.exists():
-            write_bag(path, [(f.stamp_ns, f.image_rgb) for f in frames], [(f.stamp_ns, f.pose) for f in frames],
-                      image_topic=IMAGE_TOPIC, pose_topic=POSE_TOPIC, compressed=True)
+            write_bag(path, [(f.stamp_ns, f.image_rgb) for f in frames], odom,
+                      image_topic=IMAGE_TOPIC, pose_topic=POSE_TOPIC, compressed=True,
+                      extra_poses={GROUND_TRUTH_TOPIC: truth})
         bags.append(path)
+        end_error = math.dist(odom[-1][1].position, truth[-1][1].position)
         _say(f'{path.name}: {len(frames)} frames, {frames[-1].pose.position[0] - frames[0].pose.position[0]:.0f} m, '
-             f'{"dusk light, zoomed, rolled, 0.5 m sideways" if revisit else "reference pass"}')
+             + (f'dusk light, zoomed, rolled, 0.5 m sideways; odometry drifts to {end_error:.1f} m at the end'
+                if revisit else 'reference pass'))
     return bags[0], bags[1], len(frames)
 
 
@@ -142,7 +159,16 @@ def run(out: pathlib.Path, quick: bool, rate: float) -> int:
               '-p', 'rerank.top_k:=5']
     node = _start([sys.executable, '-m', 'fol_ros.ros.node', '--params-file', str(REPO / 'config' / 'fol_ros.yaml'),
                    '--ros-args', *params], env, out / 'node.log')
-    recorder = _start([sys.executable, '-m', 'fol_ros.ros.recorder', '--ros-args', '-p', f'pose_topic:={POSE_TOPIC}',
+    # The SLAM side: odometry + accepted loop closures in a GTSAM pose graph (fol_ros/ros/posegraph_node.py).
+    posegraph = _start([sys.executable, '-m', 'fol_ros.ros.posegraph_node', '--ros-args',
+                        '-p', f'odom_topic:={POSE_TOPIC}', '-p', 'loop_closure_topic:=/loop_closure',
+                        '-p', f'path_topic:={PATH_TOPIC}', '-p', 'use_sim_time:=true',
+                        # the map's places are 0.96 m apart: a closure puts the robot within about that
+                        '-p', 'graph.place_spacing_m:=1.0'], env, out / 'posegraph.log')
+    # Recall is scored against the ground truth, never against the drifting odometry; the trajectories too.
+    recorder = _start([sys.executable, '-m', 'fol_ros.ros.recorder', '--ros-args',
+                       '-p', f'pose_topic:={GROUND_TRUTH_TOPIC}', '-p', f'odom_topic:={POSE_TOPIC}',
+                       '-p', f'path_topic:={PATH_TOPIC}',
                        '-p', f'map_path:={map_dir}', '-p', f'out:={out / "live.json"}', '-p', 'radius_m:=3.0',
                        '-p', 'use_sim_time:=true'], env, out / 'recorder.log')
     watcher = Watcher()
@@ -160,6 +186,8 @@ def run(out: pathlib.Path, quick: bool, rate: float) -> int:
     finally:
         watcher.spin_until(lambda: False, timeout_s=1.0)
         _stop(node)
+        _stop(posegraph)     # solves once more and publishes its final path (latched) before the recorder stops
+        watcher.spin_until(lambda: False, timeout_s=1.0)
         _stop(recorder)
         watcher.close()
     status = summarise(out, n_frames, watcher, answered)
@@ -214,6 +242,14 @@ def summarise(out: pathlib.Path, n_frames: int, watcher: Watcher, answered: bool
         gate.get('precision', 0), gate.get('recall', 0)))
     _say('over the decision threshold: PR AUC %.3f, max recall at 100%% precision %.3f' % (
         curve.get('auc', 0), curve.get('max_recall_at_100_precision', 0)))
+    traj = result.get('trajectory')
+    if traj:
+        _say('trajectory error against the ground truth (evo APE, RMSE, no alignment): odometry alone %.2f m, '
+             'odometry + FoL loop closures (GTSAM pose graph) %.2f m: %.0f %% of the drift removed' % (
+                 traj['ate_odometry_m'], traj['ate_loop_closed_m'], 100 * traj['drift_removed']))
+    else:
+        _say(f'no trajectory error: the pose graph sent no path (logs: {out / "posegraph.log"}, '
+             f'{out / "recorder.log"})')
     if lat:
         _say('latency per frame (ms): ' + ', '.join(f'{k} {v:.0f}' for k, v in lat.items()))
     _say(f'report: {report.resolve()}')

@@ -5,7 +5,12 @@ It subscribes to the node's PlaceRecognition and LoopClosure outputs and to the 
 latencies), plus the HTML report. Places come from `map_path` when given (every place of the map), else from the
 node's own keyframes (`added_place_id`, positioned with the pose at that frame) and the poses its candidates carry.
 
-    ros2 run fol_ros loop_closure_recorder --ros-args -p pose_topic:=/odom -p out:=live.json
+`pose_topic` is the ground truth (positives within `radius_m`). With `odom_topic` (the robot's odometry,
+nav_msgs/Odometry) and `path_topic` (fol-ros-posegraph's optimised nav_msgs/Path) it also scores the trajectories:
+`trajectory.ate_odometry_m` vs `trajectory.ate_loop_closed_m` against the ground truth (evo APE, RMSE).
+
+    ros2 run fol_ros loop_closure_recorder --ros-args -p pose_topic:=/ground_truth -p out:=live.json \
+        -p odom_topic:=/odom -p path_topic:=/posegraph/path
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from rclpy.signals import SignalHandlerOptions
 
 from fol_ros.eval.scoring import PoseTrack, StreamScorer
 from fol_ros.msg import LoopClosure, PlaceRecognition
+from fol_ros.records import Pose
 
 log = logging.getLogger(__name__)
 _NS = 1_000_000_000
@@ -55,6 +61,8 @@ class LoopClosureRecorder(Node):
         self.exclude_recent_places = int(p('exclude_recent_places', 20).value)
         self.map_path = p('map_path', '').value
         self.log_every = int(p('log_every', 50).value)
+        self.odom_topic = p('odom_topic', '').value
+        self.path_topic = p('path_topic', '').value
         if self.pose_type not in POSE_TYPES:
             raise ValueError(f'pose_type {self.pose_type!r} is not one of {", ".join(POSE_TYPES)}')
         module, name, self._position_of = POSE_TYPES[self.pose_type]
@@ -64,6 +72,17 @@ class LoopClosureRecorder(Node):
         self.create_subscription(LoopClosure, self.lc_topic, self._on_loop_closure, qos)
         self.create_subscription(pose_cls, self.pose_topic, self._on_pose, qos)
         self.poses = PoseTrack()
+        self.ground_truth: list[tuple[int, Pose]] = []
+        self.odometry: list[tuple[int, Pose]] = []
+        self.path = None
+        if self.odom_topic and self.path_topic:
+            from nav_msgs.msg import Odometry, Path as PathMsg
+            from rclpy.qos import DurabilityPolicy
+            self.create_subscription(Odometry, self.odom_topic, self._on_odometry, qos)
+            # the pose graph latches its path: the last one is the whole optimised trajectory
+            latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                                 durability=DurabilityPolicy.TRANSIENT_LOCAL)
+            self.create_subscription(PathMsg, self.path_topic, self._on_path, latched)
         self.frames: list[PlaceRecognition] = []
         self.accepted_stamps: set[int] = set()
         self.get_logger().info(f'recording {self.pr_topic}, {self.lc_topic} and {self.pose_topic} '
@@ -72,6 +91,16 @@ class LoopClosureRecorder(Node):
     def _on_pose(self, msg) -> None:
         pos = self._position_of(msg)
         self.poses.add(stamp_ns(msg.header.stamp), (pos.x, pos.y, pos.z))
+        self.ground_truth.append((stamp_ns(msg.header.stamp), Pose((pos.x, pos.y, pos.z))))
+
+    def _on_odometry(self, msg) -> None:
+        p = msg.pose.pose
+        self.odometry.append((stamp_ns(msg.header.stamp), Pose((p.position.x, p.position.y, p.position.z),
+                                                                (p.orientation.x, p.orientation.y,
+                                                                 p.orientation.z, p.orientation.w))))
+
+    def _on_path(self, msg) -> None:
+        self.path = msg
 
     def _on_loop_closure(self, msg: LoopClosure) -> None:
         self.accepted_stamps.add(stamp_ns(msg.query_stamp))
@@ -97,12 +126,31 @@ class LoopClosureRecorder(Node):
                                'exclude_recent_places': self.exclude_recent_places, 'map_path': self.map_path,
                                'pose_topic': self.pose_topic, 'n_loop_closures': len(self.accepted_stamps)},
                   **scorer.result()}
+        trajectory = self._trajectory()
+        if trajectory is not None:
+            result['trajectory'] = trajectory
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.out.write_text(json.dumps(result, indent=1))
         if self.report:
             from fol_ros.eval.report import write_report
             write_report(result, self.out.with_suffix('.html'))
         return result
+
+    def _trajectory(self) -> dict | None:
+        """ATE of the odometry and of the pose graph's last path against the ground truth, when all three came."""
+        if not (self.ground_truth and self.odometry and self.path is not None and self.path.poses):
+            if self.odom_topic and self.path_topic:
+                self.get_logger().warning(
+                    f'no trajectory error: received {len(self.ground_truth)} ground-truth poses, '
+                    f'{len(self.odometry)} odometry poses, {len(self.path.poses) if self.path else 0} path poses')
+            return None
+        from fol_ros.posegraph import Trajectory, trajectory_errors
+        closed = Trajectory.from_poses(
+            (stamp_ns(p.header.stamp), Pose((p.pose.position.x, p.pose.position.y, p.pose.position.z),
+                                            (p.pose.orientation.x, p.pose.orientation.y, p.pose.orientation.z,
+                                             p.pose.orientation.w))) for p in self.path.poses)
+        return trajectory_errors(Trajectory.from_poses(self.ground_truth), Trajectory.from_poses(self.odometry),
+                                 closed)
 
     def _score_frame(self, scorer: StreamScorer, msg: PlaceRecognition, recent: list[int]) -> None:
         t = stamp_ns(msg.header.stamp)
@@ -156,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
             f'scored {result["n_frames_scored"]} frames: R@1 global {result["recall_global"].get("1", 0):.3f}, '
             f're-ranked {result["recall_rerank"].get("1", 0):.3f}; loop-closure AUC {lc["auc"]:.3f}; '
             f'written {node.out}')
+        if 'trajectory' in result:
+            t = result['trajectory']
+            node.get_logger().info(f'ATE (RMSE) odometry {t["ate_odometry_m"]:.3f} m, with FoL loop closures '
+                                   f'{t["ate_loop_closed_m"]:.3f} m')
     finally:
         node.destroy_node()
         if rclpy.ok():
