@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 import time
@@ -112,7 +113,14 @@ class Localizer:
             raise MapMismatchError(f'the map was built with model {place_map.model.fingerprint}, the encoder runs '
                                    f'{encoder.info.fingerprint}; rebuild the map with this model or load its model')
         self.place_map = place_map
-        self.gate = LoopClosureGate(config.gate)
+        from fol_ros.verify.calibration import resolve_gate
+        # gate.thresholds auto: the map's calibration when it fits this model, else the fixed values (flagged)
+        gate_config, self.gate_note, self.gate_fallback = resolve_gate(
+            config.gate, getattr(place_map, 'calibration', None), encoder.info, config.rerank.enabled,
+            getattr(place_map, 'calibration_problem', ''))
+        (log.warning if self.gate_fallback else log.info)(self.gate_note)
+        self.config = dataclasses.replace(config, gate=gate_config)
+        self.gate = LoopClosureGate(gate_config)
         self._index = GlobalIndex(config.search)
         if place_map is not None and len(place_map):
             self._index.build(place_map.global_matrix(), place_map.place_ids(), place_map.stamps_ns())
@@ -178,6 +186,23 @@ class Localizer:
             return Result(Status.NO_MAP, timings=timings, message='no map loaded' if self.place_map is None
                           else 'the map has no places yet')
         exclusion = self.gate.exclusion(stamp_ns)
+        candidates = self.rank(encoding, exclusion, timings)
+        if not candidates:
+            decision = None if query_only else self.gate.update(stamp_ns, [])
+            return Result(Status.NO_CANDIDATE, [], timings, decision,
+                          message='every place of the map is excluded as recent')
+        if query_only:
+            reason = self.gate.check(stamp_ns, candidates[0])
+            decision = Decision(False, candidates[0], 0, reason or 'query: temporal consistency not evaluated')
+        else:
+            decision = self.gate.update(stamp_ns, candidates)
+        return Result(Status.OK, candidates, timings, decision)
+
+    def rank(self, encoding: Encoding, exclusion: Exclusion, timings: StageTimings | None = None) -> list[Candidate]:
+        """Stages 3-5 without the gate: retrieval (excluded places never appear), re-ranking, verification and
+        confidence; best first. The node's frames and the gate calibration (`verify.calibration`) both go through
+        this, so a calibration measures exactly the scores the gate will see."""
+        timings = timings if timings is not None else StageTimings()
         start = time.perf_counter()
         candidates = self._search(encoding.global_desc, exclusion)
         timings.search_ms = _ms(start)
@@ -190,16 +215,7 @@ class Localizer:
         timings.verify_ms = _ms(start) if verified else 0.0
         for cand in candidates:
             cand.confidence = confidence(cand, rerank_ran, cand.place_id in verified)
-        if not candidates:
-            decision = None if query_only else self.gate.update(stamp_ns, [])
-            return Result(Status.NO_CANDIDATE, [], timings, decision,
-                          message='every place of the map is excluded as recent')
-        if query_only:
-            reason = self.gate.check(stamp_ns, candidates[0])
-            decision = Decision(False, candidates[0], 0, reason or 'query: temporal consistency not evaluated')
-        else:
-            decision = self.gate.update(stamp_ns, candidates)
-        return Result(Status.OK, candidates, timings, decision)
+        return candidates
 
     def _search(self, query: np.ndarray, exclusion: Exclusion) -> list[Candidate]:
         from fol_ros.search.index import ExclusionFilter
@@ -220,7 +236,9 @@ class Localizer:
         if not self.config.rerank.enabled or not candidates:
             return False
         from fol_ros.rerank import rerank_candidates
-        candidates[:] = rerank_candidates(encoding, candidates, self.place_map, self.config.rerank, pairs)
+        result = rerank_candidates(encoding, candidates, self.place_map, self.config.rerank)
+        candidates[:] = result.candidates
+        pairs.update(result.pairs)
         return True
 
     def _verify(self, encoding: Encoding, candidates: list[Candidate], pairs: dict) -> set[int]:

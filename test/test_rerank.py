@@ -118,7 +118,7 @@ def test_rerank_is_stable_with_ties_broken_by_global_rank():
 
 
 def test_pairs_from_the_counting_pass_equal_mutual_nn_pairs():
-    from fol_ros.rerank import mutual_nn_counts, mutual_nn_pairs
+    from fol_ros.rerank import mutual_nn_match
     rng = np.random.default_rng(5)
 
     def tokens(n):
@@ -127,10 +127,9 @@ def test_pairs_from_the_counting_pass_equal_mutual_nn_pairs():
     query = tokens(60)
     cands = [np.concatenate([query[:20] + 0.05 * tokens(20), tokens(n)]) for n in (5, 40, 0)]
     cands = [c / np.linalg.norm(c, axis=1, keepdims=True) for c in cands]
-    pairs = []
-    counts = mutual_nn_counts(query, cands, 0.7, budget_mb=0.01, pairs_out=pairs)
-    assert len(pairs) == 3 and counts.min() > 0
-    for cand, (iq, ic), count in zip(cands, pairs, counts):
+    found = mutual_nn_match(query, cands, 0.7, budget_mb=0.01)
+    assert len(found.pairs) == 3 and found.counts.min() > 0
+    for cand, (iq, ic), count in zip(cands, found.pairs, found.counts):
         ref_q, ref_c = mutual_nn_pairs(query, cand, 0.7)
         assert len(iq) == count
         np.testing.assert_array_equal(iq, ref_q)
