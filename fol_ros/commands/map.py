@@ -2,6 +2,7 @@
 
     fol-ros map build --images DIR [--poses poses.csv] --out MAP
     fol-ros map build --bag run.mcap --image-topic /camera/image_raw --pose-topic /odom --out MAP
+    fol-ros map calibrate MAP --target-precision 0.99   # gate thresholds for this map (also run by build)
     fol-ros map info MAP          # verifies every checksum; exits 2 with the reason if the map is damaged
     fol-ros map compact MAP       # folds append.log (online mapping) into the base files, atomically
 """
@@ -36,8 +37,17 @@ def register(subparsers) -> None:
     b.add_argument('--force', action='store_true', help='replace an existing map at --out (atomically)')
     b.add_argument('--batch-size', type=int, default=8, help='images per encoder call')
     b.add_argument('--no-progress', action='store_true', help='no progress bar')
+    b.add_argument('--no-calibrate', action='store_true',
+                   help='skip the gate calibration that follows the build when the map has poses or time stamps')
+    _calibration_options(b)
     schema.add_cli_options(b, ('model', 'engine', 'search', 'keyframe'))
     b.set_defaults(func=run_build)
+    k = sub.add_parser('calibrate', help='estimate the loop-closure gate thresholds of a map and store them in it',
+                       formatter_class=fmt, description=_CALIBRATE_HELP)
+    k.add_argument('map', metavar='MAP')
+    _calibration_options(k)
+    schema.add_cli_options(k, ('search', 'rerank', 'verify', 'gate'))
+    k.set_defaults(func=run_calibrate)
     i = sub.add_parser('info', help='verify a map and print its metadata and counts', formatter_class=fmt)
     i.add_argument('map', metavar='MAP')
     i.add_argument('--fast', action='store_true', help='check file sizes only, not sha256 (huge maps)')
@@ -46,6 +56,47 @@ def register(subparsers) -> None:
     c = sub.add_parser('compact', help='fold append.log into the base files (atomic)', formatter_class=fmt)
     c.add_argument('map', metavar='MAP')
     c.set_defaults(func=run_compact)
+
+
+_CALIBRATE_HELP = """Run every place of MAP as a query against the others through the node's ranking path (retrieval,
+FoL re-ranking, verification; temporal neighbours excluded as the node does), take candidates farther than
+--negative-distance (poses) or outside the time window (no poses) as negatives, and choose the gate thresholds whose
+estimated false-accept rate per query is at most 1 - --target-precision. The result is stored in the map
+(calibration.json, checksummed) and used by the node with gate.thresholds: auto."""
+
+
+def _calibration_options(parser) -> None:
+    parser.add_argument('--target-precision', type=float, default=0.99,
+                        help='keep the estimated false-accept rate per query at or below 1 - this')
+    parser.add_argument('--negative-distance', type=float, default=10.0,
+                        help='with poses: candidates farther than this (m) are false matches')
+    parser.add_argument('--positive-distance', type=float, default=3.0,
+                        help='with poses: a best candidate within this (m) is a true revisit (the recall objective)')
+    parser.add_argument('--max-queries', type=int, default=0,
+                        help='calibrate on this many evenly spaced places (0 = all; large maps)')
+
+
+def calibrate_map(path: str | Path, config, args: argparse.Namespace, quiet: bool = False):
+    """Calibrate the saved map at `path` with the pipeline `config` and store the result in it."""
+    from fol_ros.search.load import write_calibration
+    from fol_ros.search.place_map import PlaceMap
+    from fol_ros.verify.calibration import CalibrationOptions, calibrate
+    options = CalibrationOptions(target_precision=args.target_precision, negative_distance_m=args.negative_distance,
+                                 positive_distance_m=args.positive_distance, max_queries=args.max_queries)
+    pmap = PlaceMap.load(path, verify='size')
+    calibration = calibrate(pmap, config, options)
+    write_calibration(Path(path), calibration)
+    c = calibration
+    recall = f', {c.true_accepts} of {c.revisits} revisits accepted' if c.revisits >= 0 else ''
+    print(f'{path}: gate calibrated on {c.queries} queries ({c.basis}) for precision {c.target_precision}: '
+          f'min_global_similarity {c.min_global_similarity:.4f}, min_local_matches {c.min_local_matches} '
+          f'(estimated false-accept rate {c.false_accept_rate:.3f}{recall})')
+    return calibration
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    calibrate_map(args.map, schema.config_from_args(args), args)
+    return 0
 
 
 def _source(args: argparse.Namespace):
@@ -79,6 +130,12 @@ def run_build(args: argparse.Namespace) -> int:
         GlobalIndex.for_map(PlaceMap.load(args.out, verify='size'), config.search)
     print(f'{report.out}: {report.places} places from {report.frames} frames '
           f'({report.with_pose} with a pose; {dict(report.reasons)}) in {report.seconds:.1f} s')
+    if not args.no_calibrate and (report.with_pose or args.bag):
+        from fol_ros.errors import ConfigError
+        try:
+            calibrate_map(args.out, config, args)
+        except ConfigError as exc:   # the map is fine; the node falls back to the fixed thresholds
+            print(f'{report.out}: gate not calibrated: {exc}', file=sys.stderr)
     return 0
 
 

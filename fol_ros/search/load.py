@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import mmap
+import os
 import shutil
 from pathlib import Path
 
@@ -51,7 +52,10 @@ def _write_files(pmap: 'pm.PlaceMap', out: Path, tool: str) -> None:
     for name in pm.BASE_FILES:
         storage.fsync_path(out / name)
         files[name] = {'bytes': (out / name).stat().st_size, 'sha256': storage.sha256_file(out / name)}
-    pm.dump_json(out / 'metadata.json', pm.metadata_dict(pmap, files, total, tool))
+    meta = pm.metadata_dict(pmap, files, total, tool)
+    if pmap.calibration is not None:
+        meta['calibration'] = _write_calibration_file(out, pmap.calibration)
+    pm.dump_json(out / 'metadata.json', meta)
     storage.fsync_path(out / 'metadata.json')
     storage.fsync_path(out)
 
@@ -78,6 +82,62 @@ def read_metadata(path: Path) -> dict:
         raise MapError(f'{path} has map format version {version}; this fol_ros reads version {pm.FORMAT_VERSION}'
                        + ('; upgrade fol_ros' if newer else '; rebuild the map with `fol-ros map build`'))
     return meta
+
+
+CALIBRATION_NAME = 'calibration.json'
+
+
+def _write_calibration_file(directory: Path, calibration) -> dict:
+    """Write calibration.json (fsynced) into `directory`; returns its metadata entry (bytes, sha256)."""
+    path = directory / CALIBRATION_NAME
+    pm.dump_json(path, calibration.to_json())
+    storage.fsync_path(path)
+    return {'file': CALIBRATION_NAME, 'bytes': path.stat().st_size, 'sha256': storage.sha256_file(path)}
+
+
+def read_calibration(path: Path, meta: dict):
+    """(Calibration or None, problem): the map's calibration if metadata.json lists it and its checksum holds.
+
+    A damaged or stale calibration never makes the map unusable: it is reported and the node falls back to the
+    fixed thresholds.
+    """
+    from fol_ros.verify.calibration import Calibration
+    entry = meta.get('calibration')
+    if entry is None:
+        return None, ''
+    file = path / CALIBRATION_NAME
+    try:
+        if not isinstance(entry, dict) or not file.is_file() or file.is_symlink():
+            raise MapError(f'{file} is missing or not a regular file')
+        if file.stat().st_size != entry.get('bytes') or storage.sha256_file(file) != entry.get('sha256'):
+            raise MapError(f'{file} does not match its checksum in metadata.json (damaged or edited)')
+        return Calibration.from_json(json.loads(file.read_text(encoding='utf-8'))), ''
+    except (MapError, OSError, ValueError) as exc:
+        LOG.warning('ignoring the gate calibration of %s: %s', path, exc)
+        return None, f'calibration ignored: {exc}'
+
+
+def write_calibration(path: Path, calibration) -> None:
+    """Store `calibration` in the saved map at `path` without rewriting its data files.
+
+    calibration.json is written first, then metadata.json is replaced atomically (temporary file, fsync, rename)
+    with the new checksum. A crash in between leaves a map whose calibration fails its checksum: the map itself
+    stays valid and the node falls back to the fixed thresholds until `fol-ros map calibrate` runs again.
+    """
+    path = Path(path)
+    meta = read_metadata(path)
+    tmp_dir = storage.temp_sibling(path, 'cal')
+    tmp_dir.mkdir()
+    try:
+        entry = _write_calibration_file(tmp_dir, calibration)
+        os.replace(tmp_dir / CALIBRATION_NAME, path / CALIBRATION_NAME)
+        meta['calibration'] = entry
+        pm.dump_json(tmp_dir / 'metadata.json', meta)
+        storage.fsync_path(tmp_dir / 'metadata.json')
+        os.replace(tmp_dir / 'metadata.json', path / 'metadata.json')
+        storage.fsync_path(path)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def model_of(meta: dict) -> ModelInfo:
@@ -116,6 +176,7 @@ def load_map(cls, path: Path, expect: ModelInfo | None, verify: str) -> 'pm.Plac
     verify_files(path, meta, verify)
     pmap = cls(model, meta['global_dim'], meta['local_dim'])
     pmap.path = path
+    pmap.calibration, pmap.calibration_problem = read_calibration(path, meta)
     _load_base(pmap, path, meta)
     _replay_log(pmap, path / pm.LOG_NAME)
     pmap._next_id = max(pmap._next_id, int(meta.get('next_place_id', 0)))

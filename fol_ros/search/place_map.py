@@ -10,6 +10,8 @@ Directory layout (format version 1; no pickle anywhere, every .npy is loaded wit
     local_offsets.npy   int64 [N + 1] token row range of place i: offsets[i]:offsets[i + 1]
     append.log          optional: places added/removed since the last save or compaction (see storage.py)
     index.faiss         optional: a saved retrieval index (see index.py); rebuilt when missing or stale
+    calibration.json    optional: gate thresholds estimated for this map and model (verify/calibration.py), listed
+                        with its size and sha256 in metadata.json under "calibration"
 """
 from __future__ import annotations
 
@@ -62,6 +64,8 @@ class PlaceMap:
         self._log_size = 0
         self._next_id = 0
         self._cache: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self.calibration = None          # verify.calibration.Calibration of this map, kept across saves
+        self.calibration_problem = ''    # why a calibration.json on disk was not used ('' = none or fine)
 
     # ----- construction -------------------------------------------------------------------------------
     @classmethod
