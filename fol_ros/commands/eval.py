@@ -43,6 +43,9 @@ def register(subparsers) -> None:
     b.add_argument('--image-topic', default='', help='sensor_msgs/Image or CompressedImage topic')
     b.add_argument('--pose-topic', default='', help='PoseStamped, PoseWithCovarianceStamped or Odometry topic')
     b.add_argument('--map', default='', help="place map to localise against ('' = single traversal, mapping mode)")
+    b.add_argument('--ground-truth-topic', default='',
+                   help="ground-truth poses; then --pose-topic is the odometry and the result gains the trajectory "
+                        "error (ATE) of the odometry alone vs with the loop closures ('' = the poses are the truth)")
     schema.add_cli_options(p, tuple(schema.GROUPS))
     p.set_defaults(func=run)
 
@@ -81,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError('--bag needs --image-topic and --pose-topic (ground truth comes from the poses)')
         from fol_ros.eval.bag import BagEvalOptions, evaluate_bag, report_pairs as bag_pairs
         opts = BagEvalOptions(image_topic=args.image_topic, pose_topic=args.pose_topic, map_path=args.map,
-                              radius_m=args.radius, rerank_k=args.rerank_k)
+                              radius_m=args.radius, rerank_k=args.rerank_k,
+                              ground_truth_topic=args.ground_truth_topic)
         result = evaluate_bag(Path(args.bag), encoder, config, opts)
         pairs = [] if args.no_report else bag_pairs(result, encoder, args.pairs)
     result['peak_rss_mb'] = peak_rss_mb()
@@ -107,4 +111,8 @@ def _summary(result: dict, out: Path) -> None:
         c = lc['curve']
         print(f'loop closure: PR-AUC {c["auc"]:.3f}, max recall at 100% precision '
               f'{c["max_recall_at_100_precision"]:.3f}')
+    traj = result.get('trajectory')
+    if traj:
+        print(f'trajectory error (ATE, RMSE): odometry {traj["ate_odometry_m"]:.3f} m, with loop closures '
+              f'{traj["ate_loop_closed_m"]:.3f} m')
     print(f'result: {out}')

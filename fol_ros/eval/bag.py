@@ -38,6 +38,10 @@ class BagEvalOptions:
         (None = the pipeline config's gate.exclude_recent_s).
     rerank_k: candidates re-ranked per frame, 0 disables re-ranking (None = the config's rerank settings).
     max_frames: stop after this many images (0 = all).
+    ground_truth_topic: ground-truth poses ('' = pose_topic is the ground truth). When given, pose_topic is the
+        robot's odometry (given to the pipeline as the node's odom_topic), recall is scored against the ground truth,
+        and the result gains `trajectory`: ATE of the odometry alone vs with the accepted loop closures in the pose
+        graph (fol_ros.eval.trajectory).
     """
 
     image_topic: str
@@ -49,6 +53,7 @@ class BagEvalOptions:
     recall_values: tuple[int, ...] = RECALL_VALUES
     max_frames: int = 0
     params_file: str = ''
+    ground_truth_topic: str = ''
 
     def __post_init__(self) -> None:
         if (self.rerank_k is not None and self.rerank_k < 0) or self.max_frames < 0:
@@ -89,12 +94,15 @@ def load_map_places(path: str | Path) -> list[tuple[int, int, tuple[float, float
 
 
 def replay(frames: Iterable[tuple[int, np.ndarray]], poses: PoseTrack, localizer, scorer: StreamScorer,
-           max_frames: int = 0) -> int:
-    """Feed frames (stamp ns, RGB) to the Localizer in order and score each; returns the number processed."""
+           max_frames: int = 0, truth: PoseTrack | None = None, closures: list | None = None) -> int:
+    """Feed frames (stamp ns, RGB) to the Localizer in order and score each; returns the number processed.
+
+    truth: ground truth for the positives when the poses are odometry; closures: gets a LoopConstraint per
+    accepted loop closure (for the pose graph)."""
     n = 0
     t0 = time.perf_counter()
     for stamp_ns, rgb in frames:
-        position = poses.at(stamp_ns)
+        position = (truth if truth is not None else poses).at(stamp_ns)
         exclusion = localizer.gate.exclusion(stamp_ns)
         positives = (scorer.positives(position, exclusion.max_stamp_ns, exclusion.recent_ids)
                      if position is not None else [])
@@ -114,6 +122,9 @@ def replay(frames: Iterable[tuple[int, np.ndarray]], poses: PoseTrack, localizer
             timings_ms={'preprocess': t.preprocess_ms, 'encode': t.encode_ms, 'search': t.search_ms,
                         'rerank': t.rerank_ms, 'verify': t.verify_ms, 'total': t.total_ms},
             added_place_id=result.added_place_id, status=int(result.status))
+        if closures is not None and result.loop_closure is not None and result.loop_closure.accepted:
+            from fol_ros.posegraph.closures import constraint_from_candidate
+            closures.append(constraint_from_candidate(stamp_ns, result.loop_closure.candidate))
         if result.added_place_id >= 0:
             scorer.add_place(result.added_place_id, stamp_ns, position)
         n += 1
@@ -144,22 +155,32 @@ def evaluate_bag(bag: Path, encoder, config: PipelineConfig, opts: BagEvalOption
         for p in place_map.places:
             scorer.add_place(p.place_id, p.stamp_ns, tuple(p.pose.position) if p.pose is not None else None)
     localizer = Localizer(config, encoder=encoder, place_map=place_map, mapping=not opts.map_path)
+    truth = read_pose_track(bag, opts.ground_truth_topic) if opts.ground_truth_topic else None
+    if truth is not None and len(truth) == 0:
+        raise BadInputError(f'{bag}: no poses on {opts.ground_truth_topic} (--ground-truth-topic)')
+    closures: list = []
     frames = read_image_frames(bag, opts.image_topic)
     try:
-        n = replay(frames, poses, localizer, scorer, opts.max_frames)
+        n = replay(frames, poses, localizer, scorer, opts.max_frames, truth=truth, closures=closures)
     finally:
         frames.close()   # releases the bag reader even when a frame fails or max_frames stops early
     if n == 0:
         raise BadInputError(f'{bag}: no images on {opts.image_topic}')
     info = encoder.info
+    trajectory = {}
+    if truth is not None:
+        from fol_ros.eval.trajectory import bag_trajectory_errors
+        trajectory = {'trajectory': bag_trajectory_errors(bag, opts.pose_topic, opts.ground_truth_topic, closures)}
     return {
         'protocol': 'bag-localisation' if opts.map_path else 'bag-mapping',
-        'bag': {'path': str(bag), 'image_topic': opts.image_topic, 'pose_topic': opts.pose_topic},
+        'bag': {'path': str(bag), 'image_topic': opts.image_topic, 'pose_topic': opts.pose_topic,
+                'ground_truth_topic': opts.ground_truth_topic},
         'model': {'label': info.label, 'backbone': info.backbone, 'input_size': list(info.input_size),
                   'fingerprint': info.fingerprint},
         'engine': getattr(encoder, 'name', ''),
         'settings': {**dataclasses.asdict(opts), 'pipeline': dataclasses.asdict(config)},
         **scorer.result(),
+        **trajectory,
         'wall_s': time.perf_counter() - t_start,
     }
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from fol_ros.posegraph.se3 import covariance_ros_to_gtsam, diagonal_sigmas, pose7_to_pose3, to_pose3
 from fol_ros.posegraph.settings import PoseGraphSettings
-from fol_ros.records import Pose
+from fol_ros.records import Candidate, Pose
 
 
 @dataclass(frozen=True)
@@ -72,3 +72,15 @@ def robust_noise(covariance: np.ndarray, settings: PoseGraphSettings) -> gtsam.n
     if make is None:
         return gaussian
     return gtsam.noiseModel.Robust.Create(make.Create(settings.robust_parameter), gaussian)
+
+
+def constraint_from_candidate(query_stamp_ns: int, candidate: Candidate) -> LoopConstraint:
+    """The same constraint from the pipeline's accepted candidate (what the node turns into a LoopClosure)."""
+    rel = candidate.relative_pose
+    relative = None
+    if rel is not None:
+        q = gtsam.Rot3(np.asarray(rel.rotation, np.float64).reshape(3, 3)).toQuaternion()
+        relative = Pose(tuple(float(v) for v in rel.translation), (q.x(), q.y(), q.z(), q.w()))
+    return LoopConstraint(int(query_stamp_ns), int(candidate.stamp_ns), int(candidate.place_id), candidate.pose,
+                          relative, tuple(rel.covariance) if rel is not None else (),
+                          bool(rel.scale_known) if rel is not None else False)
