@@ -215,7 +215,7 @@ class GateConfig:
 
     thresholds: str = setting('auto', "auto: the map's calibration (`fol-ros map calibrate`) when it fits the "
                               'model, else the fixed values below with a warning; fixed: always the values below',
-                              choices=GATE_THRESHOLDS)
+                              choices=GATE_THRESHOLDS, live=True)
     min_global_similarity: float = setting(0.5, 'fixed threshold on the cosine of the 8448-d global descriptors',
                                            low=-1.0, high=1.0, live=True)
     min_local_matches: int = setting(30, 'fixed threshold on FoL mutual-NN matches (0 = not required)', low=0,

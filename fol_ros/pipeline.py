@@ -113,18 +113,34 @@ class Localizer:
             raise MapMismatchError(f'the map was built with model {place_map.model.fingerprint}, the encoder runs '
                                    f'{encoder.info.fingerprint}; rebuild the map with this model or load its model')
         self.place_map = place_map
-        from fol_ros.verify.calibration import resolve_gate
-        # gate.thresholds auto: the map's calibration when it fits this model, else the fixed values (flagged)
-        gate_config, self.gate_note, self.gate_fallback = resolve_gate(
-            config.gate, getattr(place_map, 'calibration', None), encoder.info, config.rerank.enabled,
-            getattr(place_map, 'calibration_problem', ''))
-        (log.warning if self.gate_fallback else log.info)(self.gate_note)
-        self.config = dataclasses.replace(config, gate=gate_config)
-        self.gate = LoopClosureGate(gate_config)
+        self.config = self._with_gate_thresholds(config)
+        self.gate = LoopClosureGate(self.config.gate)
         self._index = GlobalIndex(config.search)
         if place_map is not None and len(place_map):
             self._index.build(place_map.global_matrix(), place_map.place_ids(), place_map.stamps_ns())
         self._last_keyframe: tuple[int, Pose | None] | None = None
+
+    def _with_gate_thresholds(self, config: PipelineConfig) -> PipelineConfig:
+        """`config` with the gate thresholds it resolves to; sets gate_note / gate_fallback.
+
+        gate.thresholds auto: the map's calibration when it fits this model, else the fixed values, flagged as a
+        fallback so that the node warns in its log and on /diagnostics.
+        """
+        from fol_ros.verify.calibration import resolve_gate
+        pmap = self.place_map
+        gate, self.gate_note, self.gate_fallback = resolve_gate(
+            config.gate, getattr(pmap, 'calibration', None), self.encoder.info, config.rerank.enabled,
+            getattr(pmap, 'calibration_problem', ''))
+        (log.warning if self.gate_fallback else log.info)(self.gate_note)
+        return dataclasses.replace(config, gate=gate)
+
+    def update_config(self, config: PipelineConfig) -> None:
+        """Apply live settings (top-k, verification, gate thresholds, keyframes) from the next frame on.
+
+        The model, the index and the exclusion windows stay as configured (those settings are read at configure).
+        """
+        self.config = self._with_gate_thresholds(config)
+        self.gate.config = self.config.gate
 
     @property
     def map_size(self) -> int:

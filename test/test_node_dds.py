@@ -211,6 +211,24 @@ def test_save_and_reset_services(loc, assets):
     assert len(PlaceMap.load(assets['map'])) == MAP_SIZE
 
 
+def test_parameter_changes_while_configured(loc, assets):
+    """`ros2 param set` on a running node: live settings apply, the rest is refused with the reason (it used to
+    report success and change nothing); the uncalibrated map's fixed thresholds are a warning on /diagnostics."""
+    node, client = loc
+    assert client.set_parameter_reason('gate.min_local_matches', 12) == (True, '')
+    ok, reason = client.set_parameter_reason('search.index_type', 'hnsw')
+    assert not ok and 'read at configure' in reason
+    ok, reason = client.set_parameter_reason('gate.min_local_matches', 2.5)
+    assert not ok and 'wrong type' in reason
+    ok, reason = client.set_parameter_reason('rerank.top_k', 0)
+    assert not ok and '>= 1' in reason
+    client.wait_until(lambda: client.diagnostic_values().get('gate_fallback') == 'true', 10, 'gate fallback')
+    assert 'no gate calibration' in client.diagnostic_values()['gate']
+    assert 'live settings changed: gate.min_local_matches=12' in node.log()
+    assert 'using the fixed thresholds' in node.log()
+    assert node.alive()
+
+
 def test_online_mapping_closes_loops_only_outside_the_exclusion_window(ros, assets):
     new_map = assets['root'] / 'session_map'
     shutil.rmtree(new_map, ignore_errors=True)

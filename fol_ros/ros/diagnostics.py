@@ -102,6 +102,8 @@ def diagnostic_array(stamp, name: str, stats: NodeStats, state: str, extra: dict
     elif stats.new_problems():
         status.level = DiagnosticStatus.WARN
         status.message = f'{stats.bad_inputs} bad inputs, {stats.errors} errors; last: {stats.last_problem}'
+    elif extra.get('gate_fallback') == 'true':   # loop closures judged by uncalibrated thresholds: say so
+        status.level, status.message = DiagnosticStatus.WARN, extra.get('gate', 'gate: fixed thresholds')
     else:
         status.level, status.message = DiagnosticStatus.OK, f'{state}, {stats.processed} frames processed'
     return DiagnosticArray(header=_header(stamp), status=[status])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import PoseWithCovarianceStamped
+from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.clock import Clock, ClockType
 from rclpy.lifecycle import Node as LifecycleNode
@@ -28,7 +29,7 @@ from fol_ros.msg import LoopClosure, PlaceRecognition
 from fol_ros.pipeline import Result, Status
 from fol_ros.ros import convert
 from fol_ros.ros.diagnostics import NodeStats, diagnostic_array
-from fol_ros.ros.params import declare_all, read_all
+from fol_ros.ros.params import check_change, declare_all, read_all
 from fol_ros.ros.resources import load_localizer, map_id as make_map_id
 from fol_ros.ros.worker import FrameWorker
 from fol_ros.srv import QueryImage
@@ -47,6 +48,8 @@ class PlaceRecognitionNode(LifecycleNode):
     def __init__(self, node_name: str = 'place_recognition_node', **kwargs) -> None:
         super().__init__(node_name, **kwargs)
         declare_all(self)
+        # after the declarations: a bad value in the params file fails configure with a message, not __init__
+        self.add_on_set_parameters_callback(self._on_set_parameters)
         self.stats = NodeStats()
         self.settings = None
         self.map_id = ''
@@ -100,11 +103,30 @@ class PlaceRecognitionNode(LifecycleNode):
         self._srvs = [self.create_service(Trigger, '~/save_map', self._on_save_map, callback_group=group),
                       self.create_service(QueryImage, '~/query', self._on_query, callback_group=group),
                       self.create_service(Trigger, '~/reset', self._on_reset, callback_group=group)]
+        (self.get_logger().warning if localizer.gate_fallback else self.get_logger().info)(localizer.gate_note)
         enc = localizer.encoder
         self.get_logger().info(f'configured: mode {self.settings.mode}, map {self.map_id or "(none)"} with '
                                f'{localizer.map_size} places, model {enc.info.fingerprint}, engine {enc.name}')
         self._state_label = 'inactive'
         return SUCCESS
+
+    def _on_set_parameters(self, parameters) -> SetParametersResult:
+        """Refuse wrong types, out-of-range values and (while configured) settings read at configure, with the
+        reason; apply live settings at once."""
+        configured = self.localizer is not None
+        for p in parameters:
+            reason = check_change(p.name, p.value, configured)
+            if reason:
+                return SetParametersResult(successful=False, reason=reason)
+        if configured:
+            try:
+                settings, config = read_all(self, {p.name: p.value for p in parameters})
+            except FolError as exc:   # e.g. verify.method essential without intrinsics
+                return SetParametersResult(successful=False, reason=str(exc))
+            self.worker.apply_live(settings, config)
+            self.settings = settings
+            self.get_logger().info('live settings changed: ' + ', '.join(f'{p.name}={p.value}' for p in parameters))
+        return SetParametersResult(successful=True)
 
     def _publisher(self, kind, topic: str):
         return self.create_lifecycle_publisher(kind, topic, 10,
@@ -244,7 +266,8 @@ class PlaceRecognitionNode(LifecycleNode):
         loc, s = self.localizer, self.settings
         extra = {'map_id': self.map_id, 'map_size': str(loc.map_size if loc else 0),
                  'model': loc.encoder.info.fingerprint if loc else '', 'model_label': loc.encoder.info.label
-                 if loc else '', 'engine': loc.encoder.name if loc else '', 'mode': s.mode if s else ''}
+                 if loc else '', 'engine': loc.encoder.name if loc else '', 'mode': s.mode if s else '',
+                 'gate': loc.gate_note if loc else '', 'gate_fallback': 'true' if loc and loc.gate_fallback else 'false'}
         self._diag_pub.publish(diagnostic_array(self.get_clock().now().to_msg(), self.get_name(), self.stats,
                                                 self._state_label, extra))
 

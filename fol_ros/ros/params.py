@@ -36,16 +36,18 @@ def declare_all(node) -> None:
         node.declare_parameter(param.name, value, descriptor(param))
 
 
-def read_all(node) -> tuple[NodeSettings, PipelineConfig]:
-    """Read the declared parameters back into (NodeSettings, PipelineConfig).
+def read_all(node, changes: dict | None = None) -> tuple[NodeSettings, PipelineConfig]:
+    """Read the declared parameters back into (NodeSettings, PipelineConfig), with `changes` (name -> value, a
+    parameter change being validated) applied over the current values.
 
     Raises:
         ConfigError: a value of the wrong type or out of range (the message names the parameter).
     """
+    changes = changes or {}
     values = {}
     for param in schema.parameters():
         try:
-            value = node.get_parameter(param.name).value
+            value = changes[param.name] if param.name in changes else node.get_parameter(param.name).value
         except ParameterUninitializedException:
             value = None   # an empty list in a params file leaves the parameter unset: the default applies
         if value is not None and not (param.optional and value == []):

@@ -66,6 +66,16 @@ class FrameWorker:
             self._reset_pending = False
             self._query_gate = copy.deepcopy(localizer.gate)
 
+    def apply_live(self, settings, config) -> None:
+        """Take changed live settings (`ros2 param set`) from the next frame on; no lock: each swap is atomic."""
+        loc = self.localizer
+        if loc is not None:
+            loc.update_config(config)
+            if self._query_gate is not None:
+                self._query_gate.config = loc.gate.config
+        self.settings = settings
+        self.slot.set_rate(settings.max_rate_hz)
+
     def detach(self) -> None:
         """Stop the stream and drop the model and the map (a frame in flight finishes unpublished)."""
         self.stop_stream()
