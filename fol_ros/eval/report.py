@@ -133,7 +133,7 @@ def plot_trajectories(trajectory: dict) -> str:
             ax.plot(xyz[:, 0], xyz[:, 1], label=label, **style)
     ax.set_xlabel('x (m)')
     ax.set_ylabel('y (m)')
-    ax.set_aspect('equal', adjustable='datalim')
+    ax.set_title('top view (x and y scaled independently, so sideways drift shows)', fontsize=9)
     ax.legend(loc='best', fontsize=8)
     ax.grid(alpha=0.3)
     return _figure_b64(fig)
