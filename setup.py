@@ -9,7 +9,7 @@ setup(
     version='0.1.0',
     description='FoL visual place recognition and loop closure for ROS 2',
     packages=find_packages(include=['fol_ros', 'fol_ros.*']),
-    python_requires='>=3.10',
+    python_requires='>=3.11',   # Jazzy/Kilted (Ubuntu 24.04: 3.12); no Humble (3.10): README
     # Versions are pinned in requirements.txt; these are the floors the code needs.
     install_requires=['numpy>=1.24', 'torch>=2.1', 'faiss-cpu>=1.7', 'opencv-python-headless>=4.8',
                       'rosbags>=0.10', 'PyYAML>=6', 'tqdm>=4.60', 'matplotlib>=3.7', 'scikit-learn>=1.3'],
