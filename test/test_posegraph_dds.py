@@ -12,7 +12,7 @@ from nav_msgs.msg import Odometry, Path
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 
 from conftest import ros_env
-from fixtures.node_harness import Client, NodeProcess, build_map, rclpy_context, read_rgb, set_stamp
+from fixtures.node_harness import Client, NodeProcess, rclpy_context, read_rgb, set_stamp
 from fol_ros.demo.sequence import OdometryDrift, drifting_odometry
 from fol_ros.posegraph import Trajectory, ate_rmse
 from fol_ros.records import Pose
