@@ -37,6 +37,10 @@ def _loopback_env() -> dict:
     os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
     os.environ['ROS_LOCALHOST_ONLY'] = '1'
     os.environ['ROS_DOMAIN_ID'] = os.environ.get('FOL_ROS_DEMO_DOMAIN_ID', '66')
+    # camera-size messages through a 32 MiB shared-memory segment (docs/transport.md); Fast DDS 2.x and 3.x names
+    profile = str(REPO / 'config' / 'fastdds_camera_localhost.xml')
+    os.environ.setdefault('FASTRTPS_DEFAULT_PROFILES_FILE', profile)
+    os.environ.setdefault('FASTDDS_DEFAULT_PROFILES_FILE', os.environ['FASTRTPS_DEFAULT_PROFILES_FILE'])
     env = dict(os.environ)
     env['PYTHONPATH'] = os.pathsep.join([str(REPO), env.get('PYTHONPATH', '')]).rstrip(os.pathsep)
     env['PYTHONUNBUFFERED'] = '1'
