@@ -1,12 +1,17 @@
-"""Re-ranking cost: fol_ros.rerank (ragged, chunked) against the dense official K·L² formulation, same run.
+"""Re-ranking cost on real tokens: fol_ros.rerank against the official dense formulation, same process, interleaved.
 
-    .venv/bin/python bench/bench_rerank.py [--tokens 3370] [--scaled-tokens 1024] [--k 10 50 100] [--device cpu]
+    .venv/bin/python bench/bench_rerank.py [--k 10 100] [--repeats 3] [--synthetic] [--faiss]
 
-Synthetic unit-norm fp16 tokens; each candidate shares a random fraction of the query's tokens (plus noise) so
-scores are non-trivial. The dense formulation (fol-method §9.2) pads every token list to 3600 rows (scaled
-proportionally for --scaled-tokens), builds M = K x Lpad x Lpad at once, takes both argmaxes and loops over K
-with nonzero(); it is skipped where M would exceed --dense-max-gb. Both must give the same counts (quirk A
-mirrored for the comparison). Writes bench/results/rerank-<host>.json and prints a table.
+Tokens: the default ViT-S/14 at 322 on Corridor frames (query i against reference frames i.. i+K-1), stored in
+fp16 exactly as a place map keeps them (`--synthetic` uses unit-norm random tokens with shared structure instead).
+Methods, run interleaved (one repetition of each in turn) so background load hits them alike; medians reported:
+* official: fol-method §9.2 written out: zero-padded to 3600, M = K x 3600 x 3600 at once, both argmaxes, a
+  Python loop with nonzero() and the elementwise threshold (quirk A mirrored by everybody for the comparison);
+* fused: `fol_ros.rerank.mutual_nn_counts` (tiled, exact);
+* faiss (--faiss): IndexFlatIP k=1 both ways on the same fp32 tokens (the GEMM twice; ties are faiss's own).
+The FLOP bound is 2 * K * L_q * mean(L_c) * 128 at an fp32 GEMM rate measured in the same run on fused-sized tiles.
+Workspace: the analytic size of what each method holds at once (similarity matrix or tile plus per-row results).
+Writes bench/results/rerank-<host>.json and prints a table.
 """
 from __future__ import annotations
 
@@ -23,27 +28,44 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fol_ros import mutual_nn  # noqa: E402
 from fol_ros.rerank import mutual_nn_counts  # noqa: E402
 
 OFFICIAL_PAD = 3600
-TYPICAL_TOKENS = 3370   # expected selected tokens per image at 322x322 (fol-method §5)
+CORRIDOR = Path(os.environ.get('FOL_ROS_SHARED_DATA', Path(__file__).resolve().parents[2] / 'shared' / 'data')) / 'corridor'
 
 
-def synthetic(rng: np.random.Generator, k: int, n_tok: int, dim: int = 128):
+def corridor_tokens(count: int) -> list[np.ndarray]:
+    """fp16 local tokens of Corridor query frame 0 and reference frames 0..count-2 (default ViT-S/14 at 322)."""
+    import cv2
+
+    from fol_ros.encode.torch_engine import TorchEncoder
+    from fol_ros.model.checkpoint import load_checkpoint
+    from fol_ros.model.weights import ensure_default_checkpoint
+    net, info = load_checkpoint(ensure_default_checkpoint())
+    encoder = TorchEncoder(net, info, max_batch=8)
+    refs = sorted((CORRIDOR / 'ref').glob('*.jpg'))
+    paths = [CORRIDOR / 'query' / '0000000.jpg'] + [refs[i % len(refs)] for i in range(count - 1)]
+    images = [cv2.imread(str(p))[:, :, ::-1].copy() for p in paths]
+    return [e.local.astype(np.float16) for e in encoder.encode(images)]
+
+
+def synthetic_tokens(count: int, n_tok: int = 3330, dim: int = 128) -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+
     def unit(x):
         return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float16)
     q = unit(rng.normal(size=(n_tok, dim)))
-    cands = []
-    for _ in range(k):
+    out = [q]
+    for _ in range(count - 1):
         share = int(n_tok * rng.uniform(0.0, 0.5))
         picked = q[rng.permutation(n_tok)[:share]].astype(np.float32)
         shared = picked + rng.uniform(0.1, 0.5) * rng.normal(size=picked.shape) / np.sqrt(dim) * 4
-        own = rng.normal(size=(n_tok - share, dim))
-        cands.append(unit(np.concatenate([shared, own])))
-    return q, cands
+        out.append(unit(np.concatenate([shared, rng.normal(size=(n_tok - share, dim))])))
+    return out
 
 
-def dense_official(q: np.ndarray, cands: list[np.ndarray], pad: int, threshold: float = 0.7) -> np.ndarray:
+def official(q: np.ndarray, cands: list[np.ndarray], pad: int = OFFICIAL_PAD, threshold: float = 0.7) -> np.ndarray:
     """The official formulation (§9.2) written out: zero-padded, full K x pad x pad similarity, python loop."""
     fm1 = torch.zeros((pad, q.shape[1]))
     fm1[:len(q)] = torch.from_numpy(q.astype(np.float32))
@@ -64,38 +86,96 @@ def dense_official(q: np.ndarray, cands: list[np.ndarray], pad: int, threshold: 
     return scores
 
 
-def timed(fn, repeats: int) -> tuple[float, object]:
-    times, out = [], None
+def faiss_both_ways(q: np.ndarray, cands: list[np.ndarray], threshold: float = 0.7) -> np.ndarray:
+    """Mutual NN with faiss IndexFlatIP k=1 in both directions (quirk A mirrored)."""
+    import faiss
+    qf = np.ascontiguousarray(q, np.float32)
+    qi = faiss.IndexFlatIP(qf.shape[1])
+    qi.add(qf)
+    scores = np.zeros(len(cands), np.int64)
+    for k, c in enumerate(cands):
+        cf = np.ascontiguousarray(c, np.float32)
+        ci = faiss.IndexFlatIP(cf.shape[1])
+        ci.add(cf)
+        _, best_c = ci.search(qf, 1)            # best candidate row of each query token
+        sim, best_q = qi.search(cf, 1)          # best query token of each candidate row
+        rows = np.arange(len(cf))
+        mutual = best_c[best_q[:, 0], 0] == rows
+        n_mutual = int(mutual.sum())
+        scores[k] = 0 if n_mutual == 1 else int((sim[mutual, 0] > threshold).sum())
+    return scores
+
+
+def gemm_gflops(lq: int, repeats: int = 3) -> float:
+    """fp32 GEMM rate on fused-sized tiles [256, 128] x [128, Lq padded], best of `repeats` (GFLOP/s)."""
+    rng = np.random.default_rng(1)
+    a = torch.from_numpy(rng.normal(size=(256, 128)).astype(np.float32))
+    b = torch.from_numpy(rng.normal(size=(mutual_nn.padded(lq), 128)).astype(np.float32))
+    out = torch.empty(256, b.shape[0])
+    best = float('inf')
     for _ in range(repeats):
         t0 = time.perf_counter()
-        out = fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), out
+        for _ in range(40):
+            torch.matmul(a, b.T, out=out)
+        best = min(best, time.perf_counter() - t0)
+    return 40 * 2 * 256 * b.shape[0] * 128 / best / 1e9
+
+
+def workspace_mb(method: str, lq: int, lcs: list[int]) -> float:
+    k = len(lcs)
+    if method == 'official':
+        return (k * OFFICIAL_PAD ** 2 * 4 + (k + 1) * OFFICIAL_PAD * 128 * 4) / 2 ** 20
+    lqp = mutual_nn.padded(lq)
+    rows = sum(mutual_nn.padded(n) for n in lcs)
+    if method == 'fused':   # tile + per-row max/argmax + per-candidate column maxima + query
+        r = mutual_nn.tile_rows(lqp, 512.0)
+        return (r * lqp * 4 + r * 128 * 4 + rows * 12 + k * lqp * 4 + lqp * 128 * 4) / 2 ** 20
+    return (max(lcs) * 128 * 4 + lq * 128 * 4 + (lq + max(lcs)) * 16) / 2 ** 20   # faiss: one candidate at a time
 
 
 def run(args: argparse.Namespace) -> dict:
-    rng = np.random.default_rng(0)
+    tokens = (synthetic_tokens if args.synthetic else corridor_tokens)(max(args.k) + 1)
+    q, refs = tokens[0], tokens[1:]
+    methods = {'official': lambda c: official(q, c),
+               'fused': lambda c: mutual_nn_counts(q, c, single_match_quirk=True)}
+    if args.faiss:
+        methods['faiss'] = lambda c: faiss_both_ways(q, c)
     rows = []
-    for n_tok in (args.tokens, args.scaled_tokens):
-        pad = int(round(n_tok * OFFICIAL_PAD / TYPICAL_TOKENS))
-        for k in args.k:
-            q, cands = synthetic(rng, k, n_tok)
-            ours_ms, ours = timed(lambda: mutual_nn_counts(q, cands, budget_mb=args.budget_mb, device=args.device,
-                                                           single_match_quirk=True), args.repeats)
-            row = {'tokens': n_tok, 'pad': pad, 'k': k, 'ours_ms': round(ours_ms, 1),
-                   'ours_workspace_mb': args.budget_mb, 'dense_workspace_mb': round(k * pad * pad * 4 / 2 ** 20),
-                   'gflop_ours': round(2 * k * n_tok * n_tok * 128 / 1e9, 1),
-                   'gflop_dense': round(2 * k * pad * pad * 128 / 1e9, 1), 'mean_score': float(np.mean(ours))}
-            if k * pad * pad * 4 <= args.dense_max_gb * 2 ** 30:
-                dense_ms, dense = timed(lambda: dense_official(q, cands, pad), args.repeats)
-                row.update(dense_ms=round(dense_ms, 1), speedup=round(dense_ms / ours_ms, 2),
-                           counts_agree=bool(np.array_equal(ours, dense)))
+    for k in args.k:
+        cands = refs[:k]
+        lcs = [len(c) for c in cands]
+        run_here = {m: f for m, f in methods.items()
+                    if m != 'official' or workspace_mb(m, len(q), lcs) <= args.official_max_gb * 1024}
+        times = {m: [] for m in run_here}
+        counts = {}
+        gflops = []
+        for _ in range(args.repeats):   # interleaved: one of each per round
+            gflops.append(gemm_gflops(len(q)))
+            for m, fn in run_here.items():
+                t0 = time.perf_counter()
+                counts[m] = fn(cands)
+                times[m].append((time.perf_counter() - t0) * 1e3)
+        rate = statistics.median(gflops)
+        bound_ms = 2 * len(q) * sum(lcs) * 128 / rate / 1e6
+        ref = counts.get('official')
+        row = {'k': k, 'query_tokens': len(q), 'mean_cand_tokens': round(float(np.mean(lcs)), 1),
+               'gemm_gflops': round(rate, 1), 'fp32_bound_ms': round(bound_ms, 1),
+               'load_average_1m': os.getloadavg()[0], 'mean_count': float(np.mean(counts['fused'])), 'methods': {}}
+        for m in methods:
+            entry = {'workspace_mb': round(workspace_mb(m, len(q), lcs), 1)}
+            if m in times:
+                ms = statistics.median(times[m])
+                entry.update(ms=round(ms, 1), all_ms=[round(t, 1) for t in times[m]], x_bound=round(ms / bound_ms, 2),
+                             speedup_vs_official=None if ref is None else
+                             round(statistics.median(times['official']) / ms, 2),
+                             counts_equal_official=None if ref is None else bool(np.array_equal(counts[m], ref)))
             else:
-                row.update(dense_ms=None, speedup=None, counts_agree=None,
-                           dense_skipped=f'M would need {k * pad * pad * 4 / 2 ** 30:.1f} GiB > --dense-max-gb')
-            rows.append(row)
-            print(_line(row), flush=True)
-    return {'bench': 'rerank', 'machine': machine(), 'device': args.device, 'repeats': args.repeats, 'rows': rows}
+                entry.update(ms=None, skipped=f'workspace above --official-max-gb {args.official_max_gb}')
+            row['methods'][m] = entry
+        rows.append(row)
+        print(_lines(row), flush=True)
+    return {'bench': 'rerank', 'tokens': 'synthetic' if args.synthetic else 'corridor vits14 322 fp16',
+            'machine': machine(), 'repeats': args.repeats, 'rows': rows}
 
 
 def machine() -> dict:
@@ -110,25 +190,29 @@ def machine() -> dict:
             'load_average_1m_at_start': os.getloadavg()[0], 'cpu_count': os.cpu_count()}
 
 
-HEADER = f'{"L":>5} {"pad":>5} {"K":>4} {"ours ms":>9} {"dense ms":>9} {"speedup":>8} {"dense MB":>9} {"agree":>6}'
+HEADER = (f'{"K":>4} {"method":>9} {"ms":>8} {"x bound":>8} {"vs official":>12} {"workspace MB":>13} '
+          f'{"counts = official":>18}')
 
 
-def _line(r: dict) -> str:
-    dense = '-' if r['dense_ms'] is None else f"{r['dense_ms']:.0f}"
-    speed = '-' if r['speedup'] is None else f"{r['speedup']:.2f}"
-    return (f"{r['tokens']:>5} {r['pad']:>5} {r['k']:>4} {r['ours_ms']:>9.0f} {dense:>9} {speed:>8} "
-            f"{r['dense_workspace_mb']:>9} {str(r['counts_agree']):>6}")
+def _lines(r: dict) -> str:
+    out = [f'K={r["k"]}: Lq {r["query_tokens"]}, mean Lc {r["mean_cand_tokens"]}, fp32 GEMM {r["gemm_gflops"]} '
+           f'GFLOP/s -> bound {r["fp32_bound_ms"]} ms (load {r["load_average_1m"]:.1f})']
+    for m, e in r['methods'].items():
+        ms = '-' if e['ms'] is None else f'{e["ms"]:.0f}'
+        xb = '-' if e['ms'] is None else f'{e["x_bound"]:.2f}'
+        sp = '-' if e.get('speedup_vs_official') is None else f'{e["speedup_vs_official"]:.2f}x'
+        out.append(f'{r["k"]:>4} {m:>9} {ms:>8} {xb:>8} {sp:>12} {e["workspace_mb"]:>13.0f} '
+                   f'{str(e.get("counts_equal_official")):>18}')
+    return '\n'.join(out)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--tokens', type=int, default=TYPICAL_TOKENS, help='real tokens per image')
-    p.add_argument('--scaled-tokens', type=int, default=1024, help='second, scaled-down token count (all K dense)')
-    p.add_argument('--k', type=int, nargs='+', default=[10, 50, 100])
-    p.add_argument('--repeats', type=int, default=2)
-    p.add_argument('--budget-mb', type=float, default=512.0)
-    p.add_argument('--dense-max-gb', type=float, default=1.0, help='skip the dense run above this M size')
-    p.add_argument('--device', default='cpu')
+    p.add_argument('--k', type=int, nargs='+', default=[10, 100])
+    p.add_argument('--repeats', type=int, default=3)
+    p.add_argument('--synthetic', action='store_true', help='random tokens instead of real Corridor ones')
+    p.add_argument('--faiss', action='store_true', help='also time faiss IndexFlatIP k=1 both ways')
+    p.add_argument('--official-max-gb', type=float, default=6.0, help='skip the official run above this workspace')
     p.add_argument('--out', default='')
     args = p.parse_args()
     print(HEADER)
