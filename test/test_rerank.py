@@ -134,3 +134,71 @@ def test_pairs_from_the_counting_pass_equal_mutual_nn_pairs():
         assert len(iq) == count
         np.testing.assert_array_equal(iq, ref_q)
         np.testing.assert_array_equal(ic, ref_c)
+
+
+def test_an_earlier_row_with_an_equal_value_takes_the_column_even_when_its_own_best_is_elsewhere():
+    """Candidate rows 0 and 1 reach exactly 0.8 with query token e1; row 0's own best is another query token, so
+    the column argmax of e1 is row 0 (first maximum) and (e1, row 1) is NOT mutual, although row 1's best is e1
+    and its value equals the column maximum. A value-only mutual test would count it."""
+    q = np.array([[1, 0, 0], [0.8, 0.6, 0]], np.float32)
+    c = np.array([[0.8, 0.6, 0], [0.8, 0, 0.6]], np.float32)
+    assert float(c[0] @ q[0]) == float(c[1] @ q[0]) == np.float32(0.8)      # an exact tie in every precision
+    ref = reference_pairs(q, c)
+    assert ref == [(1, 0)]
+    assert mutual_nn_counts(q, [c]).tolist() == [1]
+    iq, ic = mutual_nn_pairs(q, c)
+    assert list(zip(iq.tolist(), ic.tolist())) == ref
+
+
+def test_padding_never_wins_a_row_or_column_whose_real_similarities_are_all_negative():
+    """All similarities < 0: zero padding rows/columns (similarity 0) would beat every real token if unmasked."""
+    rng = np.random.default_rng(11)
+    q = _unit(np.abs(rng.normal(size=(70, 8)))).astype(np.float32)        # positive orthant
+    cands = [-_unit(np.abs(rng.normal(size=(n, 8)))).astype(np.float32) for n in (1, 63, 65, 130)]
+    ref = [len(reference_pairs(q, c, thr=-2.0)) for c in cands]
+    assert min(ref) > 0
+    for budget in (512.0, 0.001):
+        assert mutual_nn_counts(q, cands, -2.0, budget_mb=budget).tolist() == ref
+        assert mutual_nn_counts(q, cands, 0.0, budget_mb=budget).tolist() == [0] * len(cands)
+
+
+def _official_counts(q, cands, pad=3600, thr=0.7):
+    """fol-method §9.2 verbatim in torch fp32: zero-padded K x pad x pad matrix, both argmaxes, elementwise threshold."""
+    import torch
+    fm1 = torch.zeros((pad, q.shape[1]))
+    fm1[:len(q)] = torch.from_numpy(q.astype(np.float32))
+    fm2 = torch.zeros((len(cands), pad, q.shape[1]))
+    for i, c in enumerate(cands):
+        fm2[i, :len(c)] = torch.from_numpy(c.astype(np.float32))
+    m = torch.matmul(fm2, fm1.T)
+    max1, max2 = m.argmax(dim=1), m.argmax(dim=2)
+    valid = max2.gather(1, max1) == torch.arange(pad)[None]
+    out = []
+    for k in range(len(cands)):
+        idx1 = torch.nonzero(valid[k]).squeeze()
+        sims = (fm1[idx1] * fm2[k, max1[k, idx1]]).sum(-1)
+        out.append(int((sims > thr).sum()))
+    return out
+
+
+def test_counts_equal_the_official_formulation_on_real_corridor_tokens(corridor_dir):
+    """Real ViT-S/14 tokens at 322 (fp16, as the map stores them): identical counts to the official fp32 code."""
+    import cv2
+
+    from fol_ros.encode.torch_engine import TorchEncoder
+    from fol_ros.errors import CheckpointError
+    from fol_ros.model.checkpoint import load_checkpoint
+    from fol_ros.model.weights import ensure_default_checkpoint
+    try:
+        net, info = load_checkpoint(ensure_default_checkpoint())
+    except CheckpointError as exc:
+        pytest.skip(f'default ViT-S/14 weights unavailable: {exc}')
+    paths = [corridor_dir / 'query' / '0000040.jpg'] + [corridor_dir / 'ref' / f'{i:07d}.jpg' for i in (40, 41, 90)]
+    images = [cv2.imread(str(p))[:, :, ::-1].copy() for p in paths]
+    tokens = [e.local.astype(np.float16) for e in TorchEncoder(net, info, max_batch=4).encode(images)]
+    q, cands = tokens[0], tokens[1:]
+    assert all(len(c) % 64 for c in cands) or len(q) % 64     # ragged, unaligned lengths exercise the padding
+    official = _official_counts(q, cands)
+    assert min(official) > 20
+    assert mutual_nn_counts(q, cands).tolist() == official
+    assert mutual_nn_counts(q, cands, budget_mb=1.0).tolist() == official    # 64-row tiles
