@@ -155,7 +155,9 @@ def collect_scores(place_map, config: PipelineConfig, options: CalibrationOption
     stamps = np.array([p.stamp_ns for p in places])
     use_stamps = len(places) > 1 and bool(np.any(np.diff(stamps) > 0)) and config.gate.exclude_recent_s > 0
     basis = 'poses' if with_pose else 'time' if use_stamps else 'index'
-    localizer = Localizer(config, _StoredEncodings(place_map.model), place_map)
+    # the gate is not consulted here (rank() stops before it): fixed thresholds keep resolve_gate quiet
+    ranking = dataclasses.replace(config, gate=dataclasses.replace(config.gate, thresholds='fixed'))
+    localizer = Localizer(ranking, _StoredEncodings(place_map.model), place_map)
     picks = range(len(places))
     if options.max_queries and len(places) > options.max_queries:
         picks = np.unique(np.linspace(0, len(places) - 1, options.max_queries).round().astype(int)).tolist()
