@@ -62,26 +62,25 @@ def publisher(size: str, rate: float, seconds: float, reliable: bool) -> dict:
     return {'published': published, 'publish_rate_hz': published / elapsed}
 
 
-def subscriber(idle_s: float, timeout_s: float, reliable: bool) -> dict:
-    """Count distinct frames until none came for idle_s after the first one (or timeout_s)."""
+def subscriber(timeout_s: float, reliable: bool) -> dict:
+    """Count distinct frames until SIGTERM (sent once the publisher is done) or timeout_s."""
+    import signal
     import rclpy
     from sensor_msgs.msg import Image
     rclpy.init()
     node = rclpy.create_node('bench_transport_sub')
     seen: set[int] = set()
-    last = [0.0]
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
 
     def on_image(msg) -> None:
         seen.add(msg.header.stamp.nanosec)
-        last[0] = time.monotonic()
 
     node.create_subscription(Image, 'bench_image', on_image, _qos(reliable))
     print('ready', flush=True)
     start = time.monotonic()
-    while time.monotonic() - start < timeout_s:
+    while time.monotonic() - start < timeout_s and not stop:
         rclpy.spin_once(node, timeout_sec=0.05)
-        if last[0] and time.monotonic() - last[0] > idle_s:
-            break
     node.destroy_node()
     rclpy.try_shutdown()
     return {'received': len(seen)}
@@ -106,7 +105,8 @@ def run_case(size: str, rate: float, profile: bool, seconds: float, reliable: bo
     pub = subprocess.run([sys.executable, __file__, '--role', 'pub', '--size', size, '--rate', str(rate),
                           '--seconds', str(seconds), *rel], env=env, capture_output=True, text=True,
                          timeout=seconds + 60)
-    out, err = sub.communicate(timeout=seconds + 60)
+    sub.terminate()   # the publisher waited 1 s for frames in flight before it exited
+    out, err = sub.communicate(timeout=30)
     for name, text in (('publisher', pub.stderr), ('subscriber', err)):
         if 'error' in text.lower():
             print(f'[{name} stderr] {text.strip()[:500]}', file=sys.stderr)
@@ -129,7 +129,7 @@ def main() -> int:
         print(json.dumps(publisher(args.size, args.rate, args.seconds, args.reliable)))
         return 0
     if args.role == 'sub':
-        print(json.dumps(subscriber(idle_s=2.0, timeout_s=args.seconds + 45, reliable=args.reliable)))
+        print(json.dumps(subscriber(timeout_s=args.seconds + 90, reliable=args.reliable)))
         return 0
     domain = int(os.environ.get('FOL_ROS_BENCH_DOMAIN_ID', 90))
     rows = []
