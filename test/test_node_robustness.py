@@ -155,6 +155,7 @@ def test_signal_stops_fast_and_saves_the_mapping_session(ros, assets, sig, sim_t
         client.close()
     node.proc.send_signal(sig)
     seconds = _wait_exit(node, 20)
+    print(f'{sig.name} use_sim_time={sim_time}: exited {seconds:.2f} s after the signal')
     log = node.log()
     assert seconds < 2.0, f'{sig.name} took {seconds:.1f} s:\n' + log[-2000:]
     assert node.proc.returncode == 0 and 'Traceback' not in log, log[-3000:]
