@@ -89,7 +89,8 @@ class NodeSettings:
     odom_topic: str = setting('', "nav_msgs/Odometry giving the camera pose (keyframe distance, place poses); '' = "
                               'none', launch='odom_topic')
     qos_reliability: str = setting('best_effort', 'image subscription reliability: best_effort (sensor data) or '
-                                   'reliable (e.g. `ros2 bag play`)', choices=RELIABILITIES)
+                                   'reliable (e.g. `ros2 bag play`)', choices=RELIABILITIES,
+                                   launch='qos_reliability')
     qos_depth: int = setting(1, 'image subscription queue depth; only the newest frame is processed anyway', low=1)
     max_rate_hz: float = setting(2.0, 'at most this many frames per second are processed (0 = unlimited)',
                                  unit='Hz', low=0.0, live=True)

@@ -325,7 +325,8 @@ def render_table() -> str:
             '|---|---|---|---|---|---|---|---|']
     for p in parameters():
         default = 'unset' if p.optional else _yaml_value(p.default)
-        rows.append(f'| `{p.name}` | {p.kind} | `{default}` | {p.unit} | {p.range_text} | '
+        allowed = p.range_text.replace(' | ', ', ')   # a bare | would split the Markdown cell
+        rows.append(f'| `{p.name}` | {p.kind} | `{default}` | {p.unit} | {allowed} | '
                     f'{"yes" if p.live else ""} | {f"`{p.launch}`" if p.launch else ""} | '
                     f'{p.doc.replace("|", "/")} |')
     return '\n'.join(rows) + '\n'
