@@ -9,18 +9,26 @@
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import logging
+import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fol_ros.config import PipelineConfig
-from fol_ros.errors import BadInputError, MapMismatchError
+from fol_ros.config import KeyframeConfig, PipelineConfig, RerankConfig, VerifyConfig
+from fol_ros.errors import BadInputError, ConfigError, MapMismatchError
 from fol_ros.records import Candidate, Encoding, Pose, StageTimings
-from fol_ros.verify.gate import Decision, Exclusion, LoopClosureGate
+from fol_ros.verify.gate import Decision, LoopClosureGate
+
+if TYPE_CHECKING:   # rerank imports torch; the pipeline imports it only when a frame is re-ranked
+    from fol_ros.rerank import Reranked
+    from fol_ros.search.index import ExclusionFilter
 
 log = logging.getLogger(__name__)
 _NS = 1_000_000_000
@@ -85,6 +93,194 @@ def check_image(image: np.ndarray) -> np.ndarray:
     return image
 
 
+# ----- stages ---------------------------------------------------------------------------------------------------
+# The node (through Localizer), `fol-ros eval --bag` (Localizer), `fol-ros eval --dataset` (the paper protocol,
+# eval/protocol.py) and `fol-ros map build` (search/build.py) all run frames through these functions, so that what
+# an evaluation measures is what the node does.
+
+@dataclass(frozen=True)
+class Retrieval:
+    """Output of `retrieve` for Q queries.
+
+    Attributes:
+        candidates: per query, the places found, best first (excluded places never appear).
+        ids: int64 [Q, k] place ids as the index returned them (-1 = no place).
+        scores: float32 [Q, k] the index's raw scores: cosine similarity, or squared L2 distance for metric 'l2'.
+    """
+
+    candidates: list[list[Candidate]]
+    ids: np.ndarray
+    scores: np.ndarray
+
+
+class ExactL2Index:
+    """Exact squared-L2 search (faiss IndexFlatL2), the official test's retrieval, kept for the paper protocol.
+
+    On unit-norm descriptors the order equals the cosine order, but the numbers (and faiss's tie handling: the lower
+    row first) are those of the official evaluation. Place ids are the rows of `matrix` unless given.
+    """
+
+    metric = 'l2'
+
+    def __init__(self, matrix: np.ndarray, ids: np.ndarray | None = None) -> None:
+        import faiss
+        matrix = np.ascontiguousarray(matrix, np.float32)
+        self._index = faiss.IndexFlatL2(matrix.shape[1])
+        self._index.add(matrix)
+        self._ids = np.arange(len(matrix), dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
+
+    def __len__(self) -> int:
+        return int(self._index.ntotal)
+
+    def search(self, queries: np.ndarray, k: int, exclude=None) -> tuple[np.ndarray, np.ndarray]:
+        """(place ids int64 [Q, k], squared L2 distances float32 [Q, k]), nearest first; no exclusion filter
+        (the benchmark protocol has none)."""
+        if exclude is not None:
+            raise ConfigError('the exact L2 index of the benchmark protocol takes no exclusion filter')
+        dists, rows = self._index.search(np.ascontiguousarray(np.atleast_2d(queries), np.float32), int(k))
+        ids = np.where(rows >= 0, self._ids[np.where(rows >= 0, rows, 0)], -1)
+        return ids.astype(np.int64), dists
+
+
+def retrieve(index, place_map, queries: np.ndarray, k: int, exclude=None) -> Retrieval:
+    """Stage 3: the k nearest places of each query row ([Q, D] or [D]) as Candidates.
+
+    `index` is a `search.index.GlobalIndex` (cosine, the node) or an `ExactL2Index` (the paper protocol); a
+    candidate's global_similarity is the cosine either way (1 - d/2 for unit-norm descriptors at squared L2
+    distance d). Searching all queries in one call matters for the protocol: faiss computes a batch of 20 or more
+    queries with a BLAS GEMM, whose rounding differs from one query at a time.
+    """
+    ids, scores = index.search(np.atleast_2d(np.asarray(queries, np.float32)), int(k), exclude=exclude)
+    l2 = getattr(index, 'metric', 'cosine') == 'l2'
+    out = []
+    for row_ids, row_scores in zip(ids.tolist(), scores.tolist()):
+        found: list[Candidate] = []
+        for place_id, score in zip(row_ids, row_scores):
+            if place_id < 0:
+                break
+            place = place_map.place(place_id)
+            found.append(Candidate(place_id=int(place_id), retrieval_rank=len(found),
+                                   global_similarity=float(1.0 - score / 2.0 if l2 else score),
+                                   stamp_ns=int(place.stamp_ns), pose=place.pose))
+        out.append(found)
+    return Retrieval(out, ids, scores)
+
+
+def rerank(encoding: Encoding, candidates: list[Candidate], place_map, config: RerankConfig) -> Reranked:
+    """Stage 4: FoL re-ranking of the first config.top_k candidates (`rerank.rerank_candidates`); the result
+    carries the counted token pairs that verification reuses. Disabled: the candidates unchanged, no pairs."""
+    from fol_ros.rerank import rerank_candidates
+    return rerank_candidates(encoding, candidates, place_map, config)
+
+
+def verify(encoding: Encoding, ranked: Reranked, place_map, config: VerifyConfig,
+           rerank_config: RerankConfig) -> set[int]:
+    """Stage 5: RANSAC on the mutual-NN token pairs of the best config.top_k candidates (pairs counted by
+    re-ranking are reused, the others computed); sets geometric_inliers / relative_pose; returns the verified ids."""
+    verified: set[int] = set()
+    if config.method == 'none':
+        return verified
+    from fol_ros.rerank import mutual_nn_pairs
+    from fol_ros.verify.geometry import verify_pair
+    for cand in ranked.candidates[:config.top_k]:
+        _, _, local_xy = place_map.local_tokens(cand.place_id)
+        if cand.place_id in ranked.pairs:   # counted during re-ranking: no second similarity pass
+            iq, ic = ranked.pairs[cand.place_id]
+        else:
+            local = place_map.local_tokens(cand.place_id)[0]
+            iq, ic = mutual_nn_pairs(encoding.local, local, rerank_config.similarity_threshold,
+                                     rerank_config.memory_budget_mb, rerank_config.device)
+        verified.add(cand.place_id)
+        if len(iq) < config.min_matches:
+            continue  # too few pairs for RANSAC: 0 inliers
+        geometry = verify_pair(encoding.local_xy[iq], local_xy[ic], config)
+        cand.geometric_inliers = geometry.num_inliers
+        cand.relative_pose = geometry.relative_pose
+    return verified
+
+
+def best_similarity(index, encoding: Encoding) -> float | None:
+    """Highest cosine between a frame and the places of `index` (None when it is empty): the novelty measure of
+    the keyframe policy, for the node's live index and map build's alike."""
+    if len(index) == 0:
+        return None
+    _, sims = index.search(np.asarray(encoding.global_desc, np.float32)[None], 1)
+    return float(np.asarray(sims)[0][0])
+
+
+class KeyframeSelector:
+    """The one keyframe policy (online mapping in the node and `fol-ros eval --bag`, and `fol-ros map build`).
+
+    A frame becomes a map place when any enabled criterion is met; a criterion is enabled when its setting is > 0:
+    travelled distance since the last keyframe with a pose (needs the frame's pose), elapsed time since the last
+    keyframe, or novelty (best cosine to the map below the threshold). The first frame (of a session, or after
+    `reset`) always is one. When no criterion can apply to a frame (all settings 0, or only distance and the frame
+    has no pose), every frame is a keyframe: a mapping session that was asked for no thinning keeps everything
+    rather than stopping after its first frame.
+    """
+
+    def __init__(self, config: KeyframeConfig = KeyframeConfig()) -> None:
+        self.config = config
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the last keyframe: the next frame is taken."""
+        self._last_stamp: int | None = None
+        self._last_pose: Pose | None = None
+
+    @property
+    def uses_novelty(self) -> bool:
+        return self.config.novelty_threshold > 0
+
+    def _any_enabled(self, pose: Pose | None) -> bool:
+        c = self.config
+        return c.min_interval_s > 0 or self.uses_novelty or (c.min_distance_m > 0 and pose is not None)
+
+    def cheap_reason(self, stamp_ns: int, pose: Pose | None) -> str:
+        """Reason from time/distance alone ('' if those criteria are not met)."""
+        c = self.config
+        if self._last_stamp is None:
+            return 'first'
+        if not self._any_enabled(pose):
+            return 'every frame'
+        if c.min_distance_m > 0 and pose is not None and self._last_pose is not None:
+            if math.dist(pose.position, self._last_pose.position) >= c.min_distance_m:
+                return 'distance'
+        if c.min_interval_s > 0 and (stamp_ns - self._last_stamp) >= c.min_interval_s * 1e9:
+            return 'time'
+        return ''
+
+    def reason(self, stamp_ns: int, pose: Pose | None, best_sim) -> str:
+        """Why this frame is a keyframe ('' = it is not).
+
+        best_sim: max cosine to the map (None = empty map), or a callable returning it, called only when novelty
+        decides (the node then searches its index only for frames that time and distance did not take)."""
+        why = self.cheap_reason(stamp_ns, pose)
+        if why or not self.uses_novelty:
+            return why
+        if callable(best_sim):
+            best_sim = best_sim()
+        if best_sim is None or best_sim < self.config.novelty_threshold:
+            return 'novelty'
+        return ''
+
+    def mark(self, stamp_ns: int, pose: Pose | None) -> None:
+        """Record that a keyframe was taken (distance is measured from the last keyframe that had a pose)."""
+        self._last_stamp = int(stamp_ns)
+        if pose is not None:
+            self._last_pose = pose
+
+
+@dataclass
+class Encoded:
+    """Stages 1-2 of one frame (`Localizer.encode_frame`): its encoding, or the BAD_INPUT result that ended it."""
+
+    stamp_ns: int
+    encoding: Encoding | None
+    timings: StageTimings
+    failure: Result | None = None
+
+
 class Localizer:
     """Runs stages 1-6 for one frame at a time (not thread-safe: one caller at a time).
 
@@ -118,7 +314,7 @@ class Localizer:
         self._index = GlobalIndex(config.search)
         if place_map is not None and len(place_map):
             self._index.build(place_map.global_matrix(), place_map.place_ids(), place_map.stamps_ns())
-        self._last_keyframe: tuple[int, Pose | None] | None = None
+        self.keyframes = KeyframeSelector(config.keyframe)
 
     def _with_gate_thresholds(self, config: PipelineConfig) -> PipelineConfig:
         """`config` with the gate thresholds it resolves to; sets gate_note / gate_fallback.
@@ -141,6 +337,7 @@ class Localizer:
         """
         self.config = self._with_gate_thresholds(config)
         self.gate.config = self.config.gate
+        self.keyframes.config = self.config.keyframe
 
     @property
     def map_size(self) -> int:
@@ -168,22 +365,38 @@ class Localizer:
     def reset(self) -> None:
         """Forget the temporal chain, the recent places and the keyframe history (the map itself stays)."""
         self.gate.reset()
-        self._last_keyframe = None
+        self.keyframes.reset()
 
-    def _run(self, image: np.ndarray, stamp_ns: int, pose: Pose | None, query_only: bool) -> Result:
+    def encode_frame(self, image: np.ndarray | Callable[[], np.ndarray], stamp_ns: int,
+                     encoder_lock=None) -> Encoded:
+        """Stages 1-2: decode (when `image` is a callable returning the RGB frame, e.g. a ROS message converter),
+        check, encode. Timed here, decoding included, so that every consumer reports the same stages.
+
+        encoder_lock: a context manager held around the encoder call only (engines that are not re-entrant).
+        """
         timings = StageTimings()
         start = time.perf_counter()
         try:
-            check_image(image)
+            rgb = check_image(image() if callable(image) else image)
         except BadInputError as exc:
-            timings.preprocess_ms = _ms(start)
-            timings.total_ms = timings.preprocess_ms
-            return Result(Status.BAD_INPUT, timings=timings, message=str(exc))
+            timings.preprocess_ms = timings.total_ms = _ms(start)
+            return Encoded(int(stamp_ns), None, timings, Result(Status.BAD_INPUT, timings=timings, message=str(exc)))
         timings.preprocess_ms = _ms(start)
         start = time.perf_counter()
-        encoding = self.encoder.encode([image], color='rgb')[0]
+        with encoder_lock if encoder_lock is not None else contextlib.nullcontext():
+            encoding = self.encoder.encode([rgb], color='rgb')[0]
         timings.encode_ms = _ms(start)
-        return self.process_encoding(encoding, stamp_ns, pose, query_only=query_only, timings=timings)
+        return Encoded(int(stamp_ns), encoding, timings)
+
+    def match(self, frame: Encoded, pose: Pose | None = None, *, query_only: bool = False) -> Result:
+        """Stages 3-6 and the keyframe decision for an encoded frame; returns its BAD_INPUT result unchanged."""
+        if frame.failure is not None:
+            return frame.failure
+        return self.process_encoding(frame.encoding, frame.stamp_ns, pose, query_only=query_only,
+                                     timings=frame.timings)
+
+    def _run(self, image: np.ndarray, stamp_ns: int, pose: Pose | None, query_only: bool) -> Result:
+        return self.match(self.encode_frame(image, stamp_ns), pose, query_only=query_only)
 
     def process_encoding(self, encoding: Encoding, stamp_ns: int, pose: Pose | None = None, *,
                          query_only: bool = False, timings: StageTimings | None = None) -> Result:
@@ -214,97 +427,36 @@ class Localizer:
             decision = self.gate.update(stamp_ns, candidates)
         return Result(Status.OK, candidates, timings, decision)
 
-    def rank(self, encoding: Encoding, exclusion: Exclusion, timings: StageTimings | None = None) -> list[Candidate]:
+    def rank(self, encoding: Encoding, exclusion: ExclusionFilter | None,
+             timings: StageTimings | None = None) -> list[Candidate]:
         """Stages 3-5 without the gate: retrieval (excluded places never appear), re-ranking, verification and
         confidence; best first. The node's frames and the gate calibration (`verify.calibration`) both go through
         this, so a calibration measures exactly the scores the gate will see."""
+        cfg = self.config
         timings = timings if timings is not None else StageTimings()
         start = time.perf_counter()
-        candidates = self._search(encoding.global_desc, exclusion)
+        k = min(cfg.search.top_k, len(self._index))
+        candidates = retrieve(self._index, self.place_map, encoding.global_desc, k, exclude=exclusion).candidates[0]
         timings.search_ms = _ms(start)
         start = time.perf_counter()
-        pairs: dict = {}   # token pairs counted by re-ranking, reused by verification
-        rerank_ran = self._rerank(encoding, candidates, pairs)
+        rerank_ran = cfg.rerank.enabled and bool(candidates)
+        ranked = rerank(encoding, candidates, self.place_map, cfg.rerank)
         timings.rerank_ms = _ms(start) if rerank_ran else 0.0
         start = time.perf_counter()
-        verified = self._verify(encoding, candidates, pairs)
+        verified = verify(encoding, ranked, self.place_map, cfg.verify, cfg.rerank)
         timings.verify_ms = _ms(start) if verified else 0.0
-        for cand in candidates:
+        for cand in ranked.candidates:
             cand.confidence = confidence(cand, rerank_ran, cand.place_id in verified)
-        return candidates
-
-    def _search(self, query: np.ndarray, exclusion: Exclusion) -> list[Candidate]:
-        from fol_ros.search.index import ExclusionFilter
-        exclude = ExclusionFilter(newer_than_ns=exclusion.max_stamp_ns, ids=tuple(sorted(exclusion.recent_ids)))
-        k = min(self.config.search.top_k, len(self._index))
-        ids, sims = self._index.search(np.asarray(query, np.float32)[None], k, exclude=exclude)
-        candidates = []
-        for place_id, sim in zip(ids[0].tolist(), sims[0].tolist()):
-            if place_id < 0:
-                break
-            place = self.place_map.place(place_id)
-            candidates.append(Candidate(place_id=int(place_id), retrieval_rank=len(candidates),
-                                        global_similarity=float(sim), stamp_ns=int(place.stamp_ns),
-                                        pose=place.pose))
-        return candidates
-
-    def _rerank(self, encoding: Encoding, candidates: list[Candidate], pairs: dict) -> bool:
-        if not self.config.rerank.enabled or not candidates:
-            return False
-        from fol_ros.rerank import rerank_candidates
-        result = rerank_candidates(encoding, candidates, self.place_map, self.config.rerank)
-        candidates[:] = result.candidates
-        pairs.update(result.pairs)
-        return True
-
-    def _verify(self, encoding: Encoding, candidates: list[Candidate], pairs: dict) -> set[int]:
-        """RANSAC on the mutual-NN token pairs of the best verify.top_k candidates; returns the verified ids."""
-        cfg = self.config.verify
-        verified: set[int] = set()
-        if cfg.method == 'none':
-            return verified
-        from fol_ros.rerank import mutual_nn_pairs
-        from fol_ros.verify.geometry import verify_pair
-        for cand in candidates[:cfg.top_k]:
-            local, _, local_xy = self.place_map.local_tokens(cand.place_id)
-            rcfg = self.config.rerank
-            if cand.place_id in pairs:   # counted during re-ranking: no second similarity pass
-                iq, ic = pairs[cand.place_id]
-            else:
-                iq, ic = mutual_nn_pairs(encoding.local, local, rcfg.similarity_threshold, rcfg.memory_budget_mb,
-                                         rcfg.device)
-            verified.add(cand.place_id)
-            if len(iq) < cfg.min_matches:
-                continue  # too few pairs for RANSAC: 0 inliers
-            geometry = verify_pair(encoding.local_xy[iq], local_xy[ic], cfg)
-            cand.geometric_inliers = geometry.num_inliers
-            cand.relative_pose = geometry.relative_pose
-        return verified
+        return ranked.candidates
 
     def _maybe_add_keyframe(self, encoding: Encoding, stamp_ns: int, pose: Pose | None) -> int:
-        reason = self._keyframe_reason(encoding, stamp_ns, pose)
+        reason = self.keyframes.reason(stamp_ns, pose, lambda: best_similarity(self._index, encoding))
         if not reason:
             return -1
         place_id = int(self.place_map.add(encoding, stamp_ns, pose, source='stream'))
         self._index.add(np.asarray(encoding.global_desc, np.float32)[None], np.array([place_id]),
                         np.array([stamp_ns]))
         self.gate.note_added(place_id)
-        self._last_keyframe = (stamp_ns, pose)
+        self.keyframes.mark(stamp_ns, pose)
         log.debug('keyframe %d added (%s)', place_id, reason)
         return place_id
-
-    def _keyframe_reason(self, encoding: Encoding, stamp_ns: int, pose: Pose | None) -> str:
-        cfg = self.config.keyframe
-        if self._last_keyframe is None:
-            return 'first frame of the session'
-        last_stamp, last_pose = self._last_keyframe
-        if cfg.min_interval_s > 0 and (stamp_ns - last_stamp) >= cfg.min_interval_s * _NS:
-            return 'interval'
-        if cfg.min_distance_m > 0 and pose is not None and last_pose is not None:
-            if float(np.linalg.norm(np.subtract(pose.position, last_pose.position))) >= cfg.min_distance_m:
-                return 'distance'
-        if cfg.novelty_threshold > 0 and len(self._index):
-            _, sims = self._index.search(np.asarray(encoding.global_desc, np.float32)[None], 1)
-            if float(np.asarray(sims)[0][0]) < cfg.novelty_threshold:
-                return 'novelty'
-        return ''

@@ -10,7 +10,6 @@ Sources:
 """
 from __future__ import annotations
 
-import bisect
 import csv
 import logging
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ import cv2
 import numpy as np
 
 from fol_ros.errors import BadInputError, ConfigError
+from fol_ros.pose_track import PoseTrack
 from fol_ros.records import Pose
 
 LOG = logging.getLogger(__name__)
@@ -179,23 +179,6 @@ def read_bag_images(bag: str | Path, topic: str) -> Iterator[tuple[int, np.ndarr
         yield frame.stamp_ns, frame.image
 
 
-class PoseTrack:
-    """Poses sorted by stamp, looked up by the nearest stamp within a tolerance."""
-
-    def __init__(self, poses: list[tuple[int, Pose]]) -> None:
-        poses = sorted(poses, key=lambda sp: sp[0])
-        self.stamps = [s for s, _ in poses]
-        self.poses = [p for _, p in poses]
-
-    def nearest(self, stamp_ns: int, tolerance_ns: int) -> Pose | None:
-        i = bisect.bisect_left(self.stamps, stamp_ns)
-        best = min((j for j in (i - 1, i) if 0 <= j < len(self.stamps)),
-                   key=lambda j: abs(self.stamps[j] - stamp_ns), default=None)
-        if best is None or abs(self.stamps[best] - stamp_ns) > tolerance_ns:
-            return None
-        return self.poses[best]
-
-
 def read_bag_frames(bag: str | Path, image_topic: str, pose_topic: str = '', tolerance_s: float = 0.1
                     ) -> Iterator[Frame]:
     """Frames of an image topic, each with the pose nearest in time (None if none within `tolerance_s`)."""
@@ -213,8 +196,8 @@ class BagSource:
             found = ', '.join(f'{n} ({t})' for n, (t, _) in topics.items()) or 'none'
             raise ConfigError(f'{bag}: no image topic {image_topic!r} (Image or CompressedImage); topics: {found}')
         self.count = topics[image_topic][1]
-        self.track = PoseTrack(list(read_bag_poses(bag, pose_topic))) if pose_topic else None
-        if self.track is not None and not self.track.stamps:
+        self.track = PoseTrack(read_bag_poses(bag, pose_topic)) if pose_topic else None
+        if self.track is not None and not len(self.track):
             LOG.warning('%s: pose topic %s has no messages; frames get no pose', bag, pose_topic)
 
     def __len__(self) -> int:

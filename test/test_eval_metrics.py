@@ -5,7 +5,6 @@ import pytest
 from fol_ros.errors import BadInputError
 from fol_ros.eval.metrics import (latency_summary, operating_point, peak_rss_mb, precision_recall_curve,
                                   recall_at_k)
-from fol_ros.eval.tokens import TokenStore
 
 
 def test_recall_counts_first_hit_and_all_queries_in_denominator():
@@ -68,21 +67,3 @@ def test_latency_summary_percentiles():
     assert row['n'] == 10 and row['mean'] == pytest.approx(5.5) and row['max'] == 10
     assert row['p50'] == pytest.approx(5.5) and row['p90'] == pytest.approx(9.1)
     assert peak_rss_mb() > 1.0
-
-
-def test_token_store_round_trip(tmp_path):
-    rng = np.random.default_rng(0)
-    a, b = rng.standard_normal((5, 8)), rng.standard_normal((0, 8))
-    c = rng.standard_normal((3, 8))
-    store = TokenStore(tmp_path / 't.f16', dim=8)
-    assert [store.append(x) for x in (a, b, c)] == [0, 1, 2]
-    store.finish()
-    np.testing.assert_allclose(store.get(0), a.astype(np.float16))
-    assert store.get(1).shape == (0, 8)
-    np.testing.assert_allclose(store.get(2), c.astype(np.float16))
-    with pytest.raises(BadInputError, match='already finished'):
-        store.append(a)
-    with pytest.raises(BadInputError, match=r'\[L, 8\]'):
-        TokenStore(tmp_path / 'u.f16', dim=8).append(np.zeros((2, 4)))
-    store.close()
-    assert not (tmp_path / 't.f16').exists()

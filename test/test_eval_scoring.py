@@ -3,7 +3,9 @@ import numpy as np
 import pytest
 
 from fol_ros.errors import BadInputError
-from fol_ros.eval.scoring import PoseTrack, StreamScorer
+from fol_ros.eval.scoring import StreamScorer
+from fol_ros.pose_track import PoseTrack
+from fol_ros.records import Pose
 
 S = 1_000_000_000
 
@@ -13,12 +15,22 @@ def test_pose_track_interpolates_and_refuses_gaps():
     track.add(2 * S, (2.0, 0.0, 0.0))
     track.add(1 * S, (0.0, 0.0, 0.0))          # out of order on purpose
     track.add(10 * S, (9.0, 0.0, 0.0))
-    np.testing.assert_allclose(track.at(1.5 * S), [1.0, 0.0, 0.0])
-    np.testing.assert_allclose(track.at(2 * S), [2.0, 0.0, 0.0])
-    np.testing.assert_allclose(track.at(int(2.4 * S)), [2.0, 0.0, 0.0])   # nearest sample within the gap
-    assert track.at(6 * S) is None                                        # 4 s from any sample
-    np.testing.assert_allclose(track.nearest(6 * S), [2.0, 0.0, 0.0])   # the node's rule: nearest, any gap
-    assert PoseTrack().at(0) is None
+    np.testing.assert_allclose(track.position_at(1.5 * S), [1.0, 0.0, 0.0])
+    np.testing.assert_allclose(track.position_at(2 * S), [2.0, 0.0, 0.0])
+    np.testing.assert_allclose(track.position_at(int(2.4 * S)), [2.0, 0.0, 0.0])   # nearest sample within the gap
+    assert track.position_at(6 * S) is None                                        # 4 s from any sample
+    assert track.nearest(6 * S).position == (2.0, 0.0, 0.0)   # the node's rule: nearest, any gap
+    assert track.nearest(6 * S, tolerance_ns=S) is None         # map build's rule: within a tolerance
+    assert PoseTrack().position_at(0) is None and PoseTrack().nearest(0) is None
+
+
+def test_pose_track_keeps_whole_poses_ties_to_the_earlier_and_bounds_its_length():
+    turned = Pose((1.0, 2.0, 3.0), (0.0, 0.0, 0.7071, 0.7071), 'odom')
+    track = PoseTrack([(4 * S, Pose((4.0, 0.0, 0.0))), (2 * S, turned)], maxlen=2)
+    assert track.nearest(2 * S) is turned                       # orientation and frame kept, not just x, y, z
+    assert track.nearest(3 * S) is turned                       # equally far from 2 s and 4 s: the earlier
+    track.add(6 * S, (6.0, 0.0, 0.0))                            # a third sample drops the oldest stamp
+    assert track.stamps == [4 * S, 6 * S] and track.nearest(0).position == (4.0, 0.0, 0.0)
 
 
 def test_positives_radius_inclusive_and_exclusions():

@@ -3,7 +3,8 @@ import pytest
 
 from fol_ros.config import GateConfig
 from fol_ros.records import Candidate
-from fol_ros.verify.gate import Exclusion, LoopClosureGate
+from fol_ros.search.index import ExclusionFilter
+from fol_ros.verify.gate import LoopClosureGate, exclusion_reason
 
 S = 1_000_000_000
 
@@ -72,26 +73,27 @@ def test_time_exclusion():
     assert not d.accepted and d.reason.startswith('excluded')
     assert g.update(100 * S, [cand(1, stamp_s=69.0)]).accepted
     ex = g.exclusion(100 * S)
-    assert ex.max_stamp_ns == 70 * S
-    assert ex.excludes(1, 71 * S) and not ex.excludes(1, 69 * S)
+    assert ex.newer_than_ns == 70 * S
+    assert exclusion_reason(ex, 1, 71 * S) and not exclusion_reason(ex, 1, 69 * S)
 
 
 def test_count_exclusion_only_covers_the_last_n_added():
     g = gate(temporal_consistency=1, exclude_recent_places=3, exclude_recent_s=0.0)
     for pid in range(10):
         g.note_added(pid)
-    assert g.exclusion(0).recent_ids == frozenset({7, 8, 9})
-    assert g.exclusion(0).max_stamp_ns is None
+    assert g.exclusion(0).ids == (7, 8, 9)
+    assert g.exclusion(0).newer_than_ns is None
+    assert 'added most recently' in exclusion_reason(g.exclusion(0), 8, 0)
     assert not g.update(5 * S, [cand(8)]).accepted
     assert g.update(5 * S, [cand(6)]).accepted
     g.reset()
-    assert g.exclusion(0).recent_ids == frozenset()
+    assert g.exclusion(0).ids == ()
 
 
 def test_exclusion_disabled():
     g = gate(exclude_recent_places=0, exclude_recent_s=0.0)
     g.note_added(1)
-    assert g.exclusion(10 * S) == Exclusion()
+    assert g.exclusion(10 * S) == ExclusionFilter()
 
 
 def test_check_does_not_change_state():

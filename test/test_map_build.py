@@ -11,7 +11,8 @@ from fol_ros import cli
 from fol_ros.config import KeyframeConfig
 from fol_ros.errors import MapError
 from fol_ros.records import Encoding, ModelInfo, Pose
-from fol_ros.search.build import KeyframeSelector, build_map
+from fol_ros.pipeline import KeyframeSelector
+from fol_ros.search.build import build_map
 from fol_ros.search.place_map import PlaceMap
 from fol_ros.sources import BagSource, Frame, ImageFolderSource, write_bag
 

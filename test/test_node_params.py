@@ -127,8 +127,9 @@ def test_result_and_loop_closure_messages():
                      relative_pose=RelativePose(rot90, (0.0, 0.0, 1.0)))
     other = Candidate(place_id=9, retrieval_rank=0, global_similarity=0.7)
     decision = Decision(True, cand, 3, 'accepted')
-    result = Result(Status.OK, [cand, other], StageTimings(encode_ms=5.0), decision, added_place_id=11)
-    msg = convert.result_to_msg(result, header, 4, 'abc/map', 12.5, max_candidates=1)
+    result = Result(Status.OK, [cand, other], StageTimings(encode_ms=5.0, total_ms=12.5), decision,
+                    added_place_id=11)
+    msg = convert.result_to_msg(result, header, 4, 'abc/map', max_candidates=1)   # the pipeline's own total
     assert msg.status == PlaceRecognition.STATUS_OK and msg.query_seq == 4 and len(msg.candidates) == 1
     c = msg.candidates[0]
     assert c.place_id == 7 and c.pose_known and c.pose.position.y == 2.0 and c.place_stamp.nanosec == 7

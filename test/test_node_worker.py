@@ -7,7 +7,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from fol_ros.pipeline import Result, Status
+from fol_ros.pipeline import Encoded, Result, Status
+from fol_ros.records import StageTimings
 from fol_ros.ros.diagnostics import NodeStats
 from fol_ros.ros.params import NodeSettings
 from fol_ros.ros.worker import FrameWorker
@@ -31,12 +32,16 @@ class SlowLocalizer:
         self.events: list[str] = []
         self.saved: list[str] = []
 
-    def process_encoding(self, encoding, stamp_ns, pose=None, *, query_only=False, timings=None):
+    def encode_frame(self, image, stamp_ns, encoder_lock=None):
+        image()   # the worker hands over the decoding, as to the real Localizer
+        return Encoded(stamp_ns, SimpleNamespace(), StageTimings(preprocess_ms=1.0, total_ms=1.0))
+
+    def match(self, frame, pose=None, *, query_only=False):
         if not query_only:
             self.in_match.set()
             assert self.release.wait(10)
         self.events.append('query' if query_only else 'frame')
-        return Result(Status.NO_MAP, timings=timings)
+        return Result(Status.NO_MAP, timings=frame.timings)
 
     def reset(self) -> None:
         self.events.append('reset')
@@ -92,7 +97,7 @@ def test_localization_query_runs_beside_the_frame_in_flight(worker):
     loc = SlowLocalizer(mapping=False)
     _in_flight(worker, loc)
     start = time.monotonic()
-    result, _ = worker.query(_image())
+    result = worker.query(_image())
     assert result.status == Status.NO_MAP and time.monotonic() - start < 0.5
     assert loc.events == ['query']            # answered while the frame's match still holds the lock
     loc.release.set()
@@ -110,3 +115,20 @@ def test_save_refuses_a_localization_map_and_saves_a_session(worker):
 
 def test_close_ends_the_thread(worker):
     assert worker.close(2.0)
+
+
+def test_published_timings_are_the_pipeline_s_own(worker):
+    """The worker publishes the stage times as the pipeline measured them (decoding included) and keeps the wait in
+    the slot apart, as queue_ms on /diagnostics: total_ms has one meaning."""
+    loc = SlowLocalizer()
+    loc.release.set()
+    worker.attach(loc, NodeSettings(map_path='m'), None)
+    worker.start_stream(0.0)
+    worker.put(_image())
+    deadline = time.monotonic() + 10
+    while worker.stats.processed < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    _, result, stamp_ns = worker.published[0]
+    assert stamp_ns == 5 * S and result.timings == StageTimings(preprocess_ms=1.0, total_ms=1.0)
+    assert worker.stats.percentiles('total_ms', (50,)) == [1.0]
+    assert worker.stats.percentiles('queue_ms', (50,))[0] >= 0.0

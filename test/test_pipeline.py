@@ -143,6 +143,26 @@ def test_keyframes_by_time_distance_and_novelty(encoder):
     assert added == [0, -1, 1, -1, -1, 2]
 
 
+def test_one_keyframe_policy_for_the_node_and_map_build(encoder, tmp_path):
+    """Every criterion at 0 keeps every frame, in the node's mapping mode and in map build alike (they used to
+    disagree: the node kept only the first frame); with only distance set, frames without a pose are kept too."""
+    from fol_ros.search.build import build_map
+    from fol_ros.sources import Frame
+    none = KeyframeConfig(min_distance_m=0.0, min_interval_s=0.0, novelty_threshold=0.0)
+    node = Localizer(PipelineConfig(**{**config().__dict__, 'keyframe': none}), encoder, None, mapping=True)
+    assert [node.process(frame(1), i).added_place_id for i in range(4)] == [0, 1, 2, 3]
+    report = build_map([Frame(frame(1), i, None, f'f{i}') for i in range(4)], encoder, tmp_path / 'map', none,
+                       progress=False)
+    assert report.places == 4 and report.reasons == {'first': 1, 'every frame': 3}
+    only_distance = KeyframeConfig(min_distance_m=2.0, min_interval_s=0.0, novelty_threshold=0.0)
+    node = Localizer(PipelineConfig(**{**config().__dict__, 'keyframe': only_distance}), encoder, None,
+                     mapping=True)
+    poses = [Pose((0.0, 0.0, 0.0)), None, Pose((1.0, 0.0, 0.0)), Pose((2.0, 0.0, 0.0))]
+    assert [node.process(frame(1), i, p).added_place_id for i, p in enumerate(poses)] == [0, 1, -1, 2]
+    node.reset()   # a reset forgets the last keyframe: the next frame is taken whatever its distance
+    assert node.process(frame(1), 9, Pose((2.0, 0.0, 0.0))).added_place_id == 3
+
+
 def test_loop_closure_in_one_mapping_session_only_outside_the_exclusion_window(encoder):
     loc = Localizer(config(), encoder, None, mapping=True)
     accepted = []

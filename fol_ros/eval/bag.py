@@ -20,8 +20,8 @@ import numpy as np
 from fol_ros.config import PipelineConfig
 from fol_ros.errors import BadInputError, ConfigError
 from fol_ros.eval.metrics import RECALL_VALUES
-from fol_ros.eval.scoring import PoseTrack, StreamScorer
-from fol_ros.records import Pose
+from fol_ros.eval.scoring import StreamScorer
+from fol_ros.pose_track import PoseTrack
 
 log = logging.getLogger(__name__)
 
@@ -102,14 +102,13 @@ def replay(frames: Iterable[tuple[int, np.ndarray]], poses: PoseTrack, localizer
     n = 0
     t0 = time.perf_counter()
     for stamp_ns, rgb in frames:
-        position = (truth if truth is not None else poses).at(stamp_ns)
+        position = (truth if truth is not None else poses).position_at(stamp_ns)
         exclusion = localizer.gate.exclusion(stamp_ns)
         positives = (scorer.positives(position, exclusion.max_stamp_ns, exclusion.recent_ids)
                      if position is not None else [])
-        # The Localizer gets what the node gives it: the odometry sample nearest in time (node._pose_at).
-        nearest = poses.nearest(stamp_ns)
-        pose = Pose(tuple(float(v) for v in nearest)) if nearest is not None else None
-        result = localizer.process(rgb, stamp_ns, pose)
+        # The Localizer gets what the node gives it: the odometry pose nearest in time, whatever the gap
+        # (the same PoseTrack lookup as the node's frame worker).
+        result = localizer.process(rgb, stamp_ns, poses.nearest(stamp_ns))
         cands = result.candidates
         t = result.timings
         scorer.add_frame(
@@ -188,10 +187,7 @@ def evaluate_bag(bag: Path, encoder, config: PipelineConfig, opts: BagEvalOption
 def read_pose_track(bag: Path, topic: str) -> PoseTrack:
     """Every pose of `topic` (header stamps) as a PoseTrack."""
     from fol_ros.sources import read_bag_poses
-    track = PoseTrack()
-    for stamp_ns, pose in read_bag_poses(bag, topic):
-        track.add(stamp_ns, pose.position)
-    return track
+    return PoseTrack(read_bag_poses(bag, topic))
 
 
 def read_image_frames(bag: Path, topic: str) -> Iterator[tuple[int, np.ndarray]]:

@@ -3,7 +3,8 @@
 Database first, then queries, encoded in batches of 16; exact L2 retrieval over the unit-norm global descriptors
 (faiss IndexFlatL2, as the official test) with k = max(recall values), capped by the database size; the top-K
 re-ranked by FoL's mutual-NN count with a stable sort whose ties keep the global order (§14 quirk 10, fixed).
-Local tokens stream to an fp16 file instead of RAM (§14 quirk 22).
+Local tokens stream to the fp16 on-disk storage of a PlaceMap instead of RAM (§14 quirk 22). Retrieval and
+re-ranking are the pipeline's own stages (`fol_ros.pipeline.retrieve` with an `ExactL2Index`, `pipeline.rerank`).
 """
 from __future__ import annotations
 
@@ -16,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
+from fol_ros.config import RerankConfig
 from fol_ros.errors import BadInputError, ConfigError
 from fol_ros.eval.datasets import VprDataset, read_rgb
 from fol_ros.eval.metrics import (RECALL_VALUES, latency_summary, peak_rss_mb, precision_recall_curve,
                                   recall_at_k)
-from fol_ros.eval.tokens import TokenStore
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ class DatasetEvalOptions:
     threshold: cosine above which a mutual-NN token pair counts (0.7).
     memory_budget_mb: bound on the re-ranking similarity workspace.
     rerank_device: torch device for re-ranking ('cpu', 'cuda').
-    work_dir: folder for the fp16 token files ('' = a temporary folder, deleted afterwards).
+    work_dir: folder for the on-disk token storage ('' = a temporary folder, deleted afterwards).
     """
 
     rerank_k: int = 100
@@ -55,102 +56,104 @@ class DatasetEvalOptions:
             raise ConfigError(f'recall values must be >= 1, got {self.recall_values}')
 
 
-def encode_images(paths: Sequence[Path], encoder, store: TokenStore, batch_size: int,
-                  timings: list[float], label: str = 'images') -> np.ndarray:
-    """Encode images in order; returns float32 global descriptors [N, D], appends local tokens to `store`."""
-    globals_: np.ndarray | None = None
+def encode_images(paths: Sequence[Path], encoder, folder: Path, batch_size: int, timings: list[float],
+                  label: str = 'images'):
+    """Encode images in order into a PlaceMap appended to on disk at `folder` (place id = position in `paths`):
+    the map's fp16 token storage, so tokens never sit in RAM (§14 quirk 22). Returns the map (open: close it)."""
+    from fol_ros.search.place_map import PlaceMap
+    store = None
     start = time.perf_counter()
-    for b in range(0, len(paths), batch_size):
-        batch = [read_rgb(p) for p in paths[b:b + batch_size]]
-        t0 = time.perf_counter()
-        encodings = encoder.encode(batch)
-        timings.extend([(time.perf_counter() - t0) * 1e3 / len(batch)] * len(batch))
-        if globals_ is None:
-            globals_ = np.zeros((len(paths), encodings[0].global_desc.shape[-1]), dtype=np.float32)
-        for i, enc in enumerate(encodings):
-            globals_[b + i] = enc.global_desc
-            store.append(enc.local)
-        done = b + len(batch)
-        if done % (batch_size * 20) < batch_size or done == len(paths):
-            rate = done / max(time.perf_counter() - start, 1e-9)
-            log.info('encoded %d/%d %s (%.1f img/s, ETA %.0f s)', done, len(paths), label, rate,
-                     (len(paths) - done) / rate)
-    if globals_ is None:
+    try:
+        for b in range(0, len(paths), batch_size):
+            chunk = paths[b:b + batch_size]
+            batch = [read_rgb(p) for p in chunk]
+            t0 = time.perf_counter()
+            encodings = encoder.encode(batch)
+            timings.extend([(time.perf_counter() - t0) * 1e3 / len(batch)] * len(batch))
+            if store is None:   # dims from the first encoding (the tiny test model and real ones differ)
+                store = PlaceMap.open_append(folder, encoder.info, durable=False,
+                                             global_dim=len(encodings[0].global_desc),
+                                             local_dim=encodings[0].local.shape[1])
+            for path, enc in zip(chunk, encodings):
+                store.add(enc, 0, None, source=str(path))
+            done = b + len(batch)
+            if done % (batch_size * 20) < batch_size or done == len(paths):
+                rate = done / max(time.perf_counter() - start, 1e-9)
+                log.info('encoded %d/%d %s (%.1f img/s, ETA %.0f s)', done, len(paths), label, rate,
+                         (len(paths) - done) / rate)
+    except BaseException:
+        if store is not None:
+            store.close()
+        raise
+    if store is None:
         raise BadInputError(f'no {label} to encode')
-    return globals_
+    return store
 
 
-def search_exact(db: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact L2 search (faiss IndexFlatL2, ties to the lower index as in the official code); returns (ids, dists)."""
-    import faiss
+def rerank_all(retrieval, queries, database, rerank_k: int, opts: DatasetEvalOptions, timings: list[float],
+               on_query: Callable[[int, int], None] | None = None) -> tuple[list[np.ndarray], list[list[int]]]:
+    """Re-rank every query's global top-`rerank_k` with the pipeline's re-ranking stage; returns (full
+    predictions, re-ranked local scores) per query."""
+    from fol_ros.pipeline import rerank
+    from fol_ros.verify.calibration import stored_encoding
 
-    index = faiss.IndexFlatL2(db.shape[1])
-    index.add(np.ascontiguousarray(db, dtype=np.float32))
-    dists, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-    return ids.astype(np.int64), dists
-
-
-def rerank_query(query_tokens: np.ndarray, candidates: np.ndarray, db_store: TokenStore,
-                 opts: DatasetEvalOptions) -> tuple[np.ndarray, np.ndarray]:
-    """Re-rank one query's global top-K; returns (new order of the K candidates, their mutual-NN counts)."""
-    from fol_ros import rerank as fol_rerank
-
-    # Copies: the store is a read-only memmap, and K x L x 128 fp16 is small (~70 MB for K=100).
-    cand_locals = [np.array(db_store.get(int(c))) for c in candidates]
-    counts = np.asarray(fol_rerank.mutual_nn_counts(query_tokens, cand_locals, threshold=opts.threshold,
-                                                    budget_mb=opts.memory_budget_mb, device=opts.rerank_device))
-    # Ties keep the global order: rerank() breaks them by retrieval rank, i.e. position in the global top-K.
-    order = np.asarray(fol_rerank.rerank(np.arange(len(candidates)), counts), dtype=np.int64)
-    return order, counts
-
-
-def rerank_all(ids: np.ndarray, q_store: TokenStore, db_store: TokenStore, rerank_k: int, opts: DatasetEvalOptions,
-               timings: list[float], on_query: Callable[[int, int], None] | None = None
-               ) -> tuple[list[np.ndarray], list[list[int]]]:
-    """Re-rank every query's global top-`rerank_k`; returns (full predictions, re-ranked local scores) per query."""
+    config = RerankConfig(enabled=rerank_k > 0, top_k=max(rerank_k, 1), similarity_threshold=opts.threshold,
+                          memory_budget_mb=opts.memory_budget_mb, device=opts.rerank_device)
     pred_rerank, top_scores = [], []
     last_log = time.perf_counter()
-    for qi, row in enumerate(ids):
+    for qi, candidates in enumerate(retrieval.candidates):
         if rerank_k:
             t0 = time.perf_counter()
-            order, counts = rerank_query(np.array(q_store.get(qi)), row[:rerank_k], db_store, opts)
+            ranked = rerank(stored_encoding(queries, qi), candidates, database, config)
             timings.append((time.perf_counter() - t0) * 1e3)
-            pred_rerank.append(np.r_[row[:rerank_k][order], row[rerank_k:]])
-            top_scores.append(counts[order].tolist())
+            top_scores.append([c.local_matches for c in ranked.candidates[:rerank_k]])
         else:
-            pred_rerank.append(row)
+            ranked = None
             top_scores.append([])
+        order = ranked.candidates if ranked is not None else candidates
+        pred_rerank.append(np.array([c.place_id for c in order], np.int64))
         if on_query is not None:
-            on_query(qi + 1, len(ids))
-        if rerank_k and (time.perf_counter() - last_log > 30 or qi + 1 == len(ids)):
+            on_query(qi + 1, len(retrieval.candidates))
+        if rerank_k and (time.perf_counter() - last_log > 30 or qi + 1 == len(retrieval.candidates)):
             last_log = time.perf_counter()
             per_query = sum(timings) / 1e3 / (qi + 1)
-            log.info('re-ranked %d/%d queries (%.2f s per query, ETA %.0f s)', qi + 1, len(ids), per_query,
-                     per_query * (len(ids) - qi - 1))
+            log.info('re-ranked %d/%d queries (%.2f s per query, ETA %.0f s)', qi + 1, len(retrieval.candidates),
+                     per_query, per_query * (len(retrieval.candidates) - qi - 1))
     return pred_rerank, top_scores
 
 
 def evaluate_dataset(ds: VprDataset, encoder, opts: DatasetEvalOptions = DatasetEvalOptions(),
                      on_query: Callable[[int, int], None] | None = None) -> dict:
-    """Run the benchmark protocol and return the result dictionary (see docs/evaluation.md for its keys)."""
+    """Run the benchmark protocol and return the result dictionary (see docs/evaluation.md for its keys).
+
+    The stages are the node's (`fol_ros.pipeline`): encoding, `retrieve` with the exact L2 index and k of the
+    paper, `rerank` with re-ranking depth `rerank_k`; descriptors are kept in the map's storage (PlaceMap).
+    """
+    from fol_ros.pipeline import ExactL2Index, retrieve
+
     t_start = time.perf_counter()
     k = min(max(opts.recall_values), len(ds.database_paths))
     rerank_k = min(opts.rerank_k, k)
     samples: dict[str, list[float]] = {'encode': [], 'search': [], 'rerank': []}
     with tempfile.TemporaryDirectory(prefix='fol_eval_', dir=opts.work_dir or None) as tmp:
-        db_store = TokenStore(Path(tmp) / 'database_tokens.f16')
-        q_store = TokenStore(Path(tmp) / 'query_tokens.f16')
-        db_g = encode_images(ds.database_paths, encoder, db_store, opts.batch_size, samples['encode'], 'database')
-        q_g = encode_images(ds.query_paths, encoder, q_store, opts.batch_size, samples['encode'], 'queries')
-        db_store.finish()
-        q_store.finish()
-        t0 = time.perf_counter()
-        ids, dists = search_exact(db_g, q_g, k)
-        samples['search'] = [(time.perf_counter() - t0) * 1e3 / len(q_g)] * len(q_g)
-        pred_rerank, top_scores = rerank_all(ids, q_store, db_store, rerank_k, opts, samples['rerank'], on_query)
-        db_store.close()
-        q_store.close()
-    return _result(ds, encoder, opts, k, rerank_k, ids, dists, pred_rerank, top_scores, samples, t_start)
+        database = encode_images(ds.database_paths, encoder, Path(tmp) / 'database', opts.batch_size,
+                                 samples['encode'], 'database')
+        queries = None
+        try:
+            queries = encode_images(ds.query_paths, encoder, Path(tmp) / 'queries', opts.batch_size,
+                                    samples['encode'], 'queries')
+            t0 = time.perf_counter()
+            retrieval = retrieve(ExactL2Index(database.global_matrix(), database.place_ids()), database,
+                                 queries.global_matrix(), k)
+            samples['search'] = [(time.perf_counter() - t0) * 1e3 / len(queries)] * len(queries)
+            pred_rerank, top_scores = rerank_all(retrieval, queries, database, rerank_k, opts, samples['rerank'],
+                                                 on_query)
+        finally:
+            database.close()
+            if queries is not None:
+                queries.close()
+    return _result(ds, encoder, opts, k, rerank_k, retrieval.ids, retrieval.scores, pred_rerank, top_scores,
+                   samples, t_start)
 
 
 def _result(ds: VprDataset, encoder, opts: DatasetEvalOptions, k: int, rerank_k: int, ids: np.ndarray,

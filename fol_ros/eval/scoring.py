@@ -7,7 +7,6 @@ the places added most recently), and lie within D metres (inclusive) of the fram
 """
 from __future__ import annotations
 
-import bisect
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -18,48 +17,6 @@ from fol_ros.eval.metrics import (RECALL_VALUES, latency_summary, operating_poin
                                   recall_at_k)
 
 SCORE_KEYS = ('confidence', 'local_matches', 'global_similarity')
-
-
-class PoseTrack:
-    """Positions over time, linearly interpolated between samples (e.g. odometry at 10-100 Hz)."""
-
-    def __init__(self, max_gap_s: float = 1.0) -> None:
-        self.max_gap_ns = int(max_gap_s * 1e9)
-        self._stamps: list[int] = []
-        self._xyz: list[tuple[float, float, float]] = []
-
-    def __len__(self) -> int:
-        return len(self._stamps)
-
-    def add(self, stamp_ns: int, position: Sequence[float]) -> None:
-        """Insert a sample (out-of-order samples are placed by stamp)."""
-        i = bisect.bisect_right(self._stamps, int(stamp_ns))
-        self._stamps.insert(i, int(stamp_ns))
-        self._xyz.insert(i, tuple(float(v) for v in position[:3]))
-
-    def nearest(self, stamp_ns: int) -> np.ndarray | None:
-        """The sample nearest in time, whatever the gap (what the node feeds its Localizer), or None if empty."""
-        if not self._stamps:
-            return None
-        i = bisect.bisect_left(self._stamps, int(stamp_ns))
-        j = min((k for k in (i - 1, i) if 0 <= k < len(self._stamps)), key=lambda k: abs(self._stamps[k] - stamp_ns))
-        return np.asarray(self._xyz[j])
-
-    def at(self, stamp_ns: int) -> np.ndarray | None:
-        """Position at `stamp_ns`, or None if no sample lies within max_gap_s of it."""
-        if not self._stamps:
-            return None
-        t = int(stamp_ns)
-        i = bisect.bisect_left(self._stamps, t)
-        if i < len(self._stamps) and self._stamps[i] == t:
-            return np.asarray(self._xyz[i])
-        if 0 < i < len(self._stamps):
-            t0, t1 = self._stamps[i - 1], self._stamps[i]
-            if t1 - t0 <= self.max_gap_ns:
-                a = (t - t0) / (t1 - t0)
-                return (1 - a) * np.asarray(self._xyz[i - 1]) + a * np.asarray(self._xyz[i])
-        j = min(range(max(i - 1, 0), min(i + 1, len(self._stamps))), key=lambda k: abs(self._stamps[k] - t))
-        return np.asarray(self._xyz[j]) if abs(self._stamps[j] - t) <= self.max_gap_ns else None
 
 
 @dataclass

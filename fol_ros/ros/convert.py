@@ -92,19 +92,19 @@ def candidate_to_msg(cand: Candidate, map_id: str) -> PlaceCandidate:
     return out
 
 
-def latency_to_msg(timings: StageTimings, total_ms: float) -> StageLatency:
+def latency_to_msg(timings: StageTimings) -> StageLatency:
+    """The pipeline's stage times as measured (total_ms: their sum, decoding included in preprocess_ms)."""
     return StageLatency(preprocess_ms=float(timings.preprocess_ms), encode_ms=float(timings.encode_ms),
                         search_ms=float(timings.search_ms), rerank_ms=float(timings.rerank_ms),
-                        verify_ms=float(timings.verify_ms), total_ms=float(total_ms))
+                        verify_ms=float(timings.verify_ms), total_ms=float(timings.total_ms))
 
 
-def result_to_msg(result: Result, header: Header, seq: int, map_id: str, total_ms: float,
-                  max_candidates: int) -> PlaceRecognition:
+def result_to_msg(result: Result, header: Header, seq: int, map_id: str, max_candidates: int) -> PlaceRecognition:
     """Pipeline result -> PlaceRecognition (at most max_candidates candidates, best first)."""
     return PlaceRecognition(
         header=header, query_seq=int(seq), status=int(result.status), status_message=result.message,
         map_id=map_id, candidates=[candidate_to_msg(c, map_id) for c in result.candidates[:max_candidates]],
-        added_place_id=int(result.added_place_id), latency=latency_to_msg(result.timings, total_ms))
+        added_place_id=int(result.added_place_id), latency=latency_to_msg(result.timings))
 
 
 def _quaternion(rotation: tuple[float, ...]) -> tuple[float, float, float, float]:

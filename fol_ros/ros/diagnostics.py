@@ -8,7 +8,8 @@ from collections import deque
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 
-STAGES = ('preprocess_ms', 'encode_ms', 'search_ms', 'rerank_ms', 'verify_ms', 'total_ms')
+# total_ms: the pipeline's stages summed; queue_ms: the frame's wait in the slot before they started
+STAGES = ('preprocess_ms', 'encode_ms', 'search_ms', 'rerank_ms', 'verify_ms', 'total_ms', 'queue_ms')
 
 
 class NodeStats:

@@ -208,12 +208,11 @@ class PlaceRecognitionNode(LifecycleNode):
     def _on_odometry(self, msg) -> None:
         self.worker.add_odometry(convert.to_ns(msg.header.stamp), convert.pose_from_odometry(msg))
 
-    def _publish_result(self, msg, result: Result, stamp_ns: int, total_ms: float) -> None:
+    def _publish_result(self, msg, result: Result, stamp_ns: int) -> None:
         """Called by the worker (under its pipeline lock) for each processed frame."""
         header, s = msg.header, self.settings
         seq, self._seq = self._seq, self._seq + 1
-        self._pubs['result'].publish(convert.result_to_msg(result, header, seq, self.map_id, total_ms,
-                                                           s.max_candidates))
+        self._pubs['result'].publish(convert.result_to_msg(result, header, seq, self.map_id, s.max_candidates))
         decision = result.loop_closure
         if decision is None or not decision.accepted:
             return
@@ -227,13 +226,12 @@ class PlaceRecognitionNode(LifecycleNode):
     # services and diagnostics -------------------------------------------------------------------------------
     def _on_query(self, request, response):
         msg = request.compressed_image if len(request.compressed_image.data) else request.image
-        result, total_ms = self.worker.query(msg)
+        result = self.worker.query(msg)
         if result is None:
             response.result = PlaceRecognition(status=int(Status.NO_MAP), header=msg.header,
                                                status_message='the node is not configured', added_place_id=-1)
             return response
-        response.result = convert.result_to_msg(result, msg.header, 0, self.map_id, total_ms,
-                                                self.settings.max_candidates)
+        response.result = convert.result_to_msg(result, msg.header, 0, self.map_id, self.settings.max_candidates)
         return response
 
     def _on_save_map(self, request, response):

@@ -25,7 +25,8 @@ from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.signals import SignalHandlerOptions
 
-from fol_ros.eval.scoring import PoseTrack, StreamScorer
+from fol_ros.eval.scoring import StreamScorer
+from fol_ros.pose_track import PoseTrack
 from fol_ros.msg import LoopClosure, PlaceRecognition
 from fol_ros.records import Pose
 
@@ -154,7 +155,7 @@ class LoopClosureRecorder(Node):
 
     def _score_frame(self, scorer: StreamScorer, msg: PlaceRecognition, recent: list[int]) -> None:
         t = stamp_ns(msg.header.stamp)
-        position = self.poses.at(t)
+        position = self.poses.position_at(t)
         for c in msg.candidates:
             if c.pose_known:
                 scorer.add_place(c.place_id, stamp_ns(c.place_stamp), (c.pose.position.x, c.pose.position.y,

@@ -9,6 +9,9 @@ Locking (issue 16.3: services must not wait for the frame in flight):
   for the match of the frame in flight, never for its encode;
 - `~/reset` never waits: it is applied at once, or right after the match in flight if that holds the lock;
 - a save waits only for the match in flight.
+Every stage time, decoding included, is measured by the pipeline (`Localizer.encode_frame` / `match`) and published
+as it returns: `latency.total_ms` is the sum of the stages. The wait in the frame slot before processing is not a
+stage; /diagnostics shows it apart as `queue_ms`.
 The thread is a daemon: a frame in flight never holds up the process's exit.
 """
 from __future__ import annotations
@@ -17,11 +20,11 @@ import copy
 import contextlib
 import threading
 import time
-from collections import deque
 from typing import Callable
 
-from fol_ros.errors import BadInputError, FolError
-from fol_ros.pipeline import Localizer, Result, Status, check_image
+from fol_ros.errors import FolError
+from fol_ros.pipeline import Encoded, Localizer, Result, Status
+from fol_ros.pose_track import PoseTrack
 from fol_ros.records import StageTimings
 from fol_ros.ros import convert
 from fol_ros.ros.diagnostics import NodeStats
@@ -39,7 +42,7 @@ class FrameWorker:
         logger: the node's rclpy logger.
         stats: counters shown on /diagnostics.
         publish: called under the pipeline lock for each processed frame while active:
-            publish(msg, result, stamp_ns, total_ms).
+            publish(msg, result, stamp_ns).
         now_ns: the node's clock, for frames without a stamp.
     """
 
@@ -50,7 +53,8 @@ class FrameWorker:
         self.settings = None
         self.bridge = None
         self.active = False
-        self._odometry: deque = deque(maxlen=400)
+        self._odometry = PoseTrack(maxlen=400)
+        self._odometry_lock = threading.Lock()   # filled by the executor thread, read by this worker's thread
         self._encode_lock = threading.Lock()
         self._pipeline_lock = threading.Lock()
         self._reset_pending = False
@@ -107,14 +111,14 @@ class FrameWorker:
         return self.slot.put((msg, time.perf_counter()))
 
     def add_odometry(self, stamp_ns: int, pose) -> None:
-        self._odometry.append((stamp_ns, pose))
+        with self._odometry_lock:
+            self._odometry.add(stamp_ns, pose)
 
     def pose_at(self, stamp_ns: int):
-        """The odometry pose nearest in time to a frame (None without odometry)."""
-        poses = list(self._odometry)
-        if not poses:
-            return None
-        return min(poses, key=lambda item: abs(item[0] - stamp_ns))[1]
+        """The odometry pose nearest in time to a frame, whatever the gap (None without odometry); the same lookup
+        as `fol-ros eval --bag`."""
+        with self._odometry_lock:
+            return self._odometry.nearest(stamp_ns)
 
     def _loop(self) -> None:
         while not self.slot.closed:
@@ -135,31 +139,22 @@ class FrameWorker:
                 self._busy = False
 
     # pipeline -----------------------------------------------------------------------------------------------
-    def _prepare(self, loc: Localizer, msg) -> tuple[Result | None, object, int, StageTimings]:
-        """Decode and encode outside the pipeline lock: (early result or None, encoding, stamp_ns, timings)."""
+    def _prepare(self, loc: Localizer, msg) -> Encoded:
+        """Stages 1-2 (decode, check, encode) outside the pipeline lock, timed by the pipeline."""
         stamp_ns = convert.to_ns(msg.header.stamp) or self._now_ns()
-        timings = StageTimings()
-        start = time.perf_counter()
         try:
-            image = check_image(convert.image_to_rgb(msg, self.settings.max_image_pixels, self.bridge))
-            timings.preprocess_ms = _ms(start)
-            start = time.perf_counter()
-            with self._encoder_guard(loc):
-                encoding = loc.encoder.encode([image], color='rgb')[0]
-            timings.encode_ms = _ms(start)
-            return None, encoding, stamp_ns, timings
-        except BadInputError as exc:
-            timings.preprocess_ms = timings.total_ms = _ms(start)
-            return Result(Status.BAD_INPUT, timings=timings, message=str(exc)), None, stamp_ns, timings
+            return loc.encode_frame(lambda: convert.image_to_rgb(msg, self.settings.max_image_pixels, self.bridge),
+                                    stamp_ns, encoder_lock=self._encoder_guard(loc))
         except Exception as exc:  # any failure of one frame must not stop the stream
-            return Result(Status.ERROR, message=f'{type(exc).__name__}: {exc}'), None, stamp_ns, timings
+            return Encoded(stamp_ns, None, StageTimings(),
+                           Result(Status.ERROR, message=f'{type(exc).__name__}: {exc}'))
 
-    def _match(self, loc: Localizer, encoding, stamp_ns: int, timings: StageTimings, query: bool) -> Result:
+    def _match(self, loc: Localizer, frame: Encoded, query: bool) -> Result:
         """Stages 3-6 under the pipeline lock (a reset asked for meanwhile is applied first)."""
         self._apply_pending_reset(loc)
         try:
-            pose = None if query else self.pose_at(stamp_ns)
-            return loc.process_encoding(encoding, stamp_ns, pose, query_only=query, timings=timings)
+            pose = None if query else self.pose_at(frame.stamp_ns)
+            return loc.match(frame, pose, query_only=query)
         except Exception as exc:
             return Result(Status.ERROR, message=f'{type(exc).__name__}: {exc}')
         finally:
@@ -186,42 +181,42 @@ class FrameWorker:
         loc = self.localizer
         if loc is None:
             return
-        early, encoding, stamp_ns, timings = self._prepare(loc, msg)
+        queue_ms = _ms(received)
+        frame = self._prepare(loc, msg)
         with self._pipeline_lock:
             if self.localizer is not loc or not self.active:
                 return
-            result = early or self._match(loc, encoding, stamp_ns, timings, query=False)
+            result = frame.failure or self._match(loc, frame, query=False)
             self._apply_pending_reset(loc)
             self._report(result)
-            total_ms = (time.perf_counter() - received) * 1000.0
-            self._publish(msg, result, stamp_ns, total_ms)
+            self._publish(msg, result, frame.stamp_ns)
         stages = {k: getattr(result.timings, k) for k in ('preprocess_ms', 'encode_ms', 'search_ms',
-                                                            'rerank_ms', 'verify_ms')}
-        stages['total_ms'] = total_ms
+                                                            'rerank_ms', 'verify_ms', 'total_ms')}
+        stages['queue_ms'] = queue_ms
         decision = result.loop_closure
         self.stats.on_processed(stages, bool(decision is not None and decision.accepted))
 
-    def query(self, msg) -> tuple[Result | None, float]:
-        """One image answered without changing state: (result, ms), or (None, 0) when not configured."""
+    def query(self, msg) -> Result | None:
+        """One image answered without changing state, or None when not configured."""
         loc = self.localizer
         if loc is None:
-            return None, 0.0
-        start = time.perf_counter()
-        early, encoding, stamp_ns, timings = self._prepare(loc, msg)
-        if early is None and not loc.mapping:   # the map never changes: no lock, a snapshot of the gate
+            return None
+        frame = self._prepare(loc, msg)
+        result = frame.failure
+        if result is None and not loc.mapping:   # the map never changes: no lock, a snapshot of the gate
             view = copy.copy(loc)
             view.gate = self._query_gate
             try:
-                early = view.process_encoding(encoding, stamp_ns, None, query_only=True, timings=timings)
+                result = view.match(frame, None, query_only=True)
             except Exception as exc:
-                early = Result(Status.ERROR, message=f'{type(exc).__name__}: {exc}')
-        elif early is None:
+                result = Result(Status.ERROR, message=f'{type(exc).__name__}: {exc}')
+        elif result is None:
             with self._pipeline_lock:
                 if self.localizer is not loc:
-                    return None, 0.0
-                early = self._match(loc, encoding, stamp_ns, timings, query=True)
-        self._report(early)
-        return early, _ms(start)
+                    return None
+                result = self._match(loc, frame, query=True)
+        self._report(result)
+        return result
 
     # services -----------------------------------------------------------------------------------------------
     def reset(self) -> tuple[bool, str]:

@@ -1,5 +1,8 @@
 """Build a PlaceMap from a stream of frames (image folder or rosbag2, see fol_ros.sources) with keyframe selection.
 
+Keyframes follow the node's own policy (`pipeline.KeyframeSelector`), and novelty is measured with the same stage
+(`pipeline.best_similarity`) against the places taken so far.
+
 The map is written into a hidden staging directory next to the output (append log without per-place fsync),
 compacted there, and only then renamed to the output: an error or Ctrl-C part-way leaves no half-written map.
 """
@@ -7,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import shutil
 import time
 from collections import Counter
@@ -19,62 +21,12 @@ import numpy as np
 
 from fol_ros.config import KeyframeConfig
 from fol_ros.errors import BadInputError, MapError
-from fol_ros.records import Pose
-from fol_ros.search import storage
+from fol_ros.pipeline import KeyframeSelector, best_similarity
+from fol_ros.search import storage, store
 from fol_ros.search.index import GlobalIndex
 from fol_ros.search.place_map import LOG_NAME, PlaceMap
 
 LOG = logging.getLogger(__name__)
-
-
-class KeyframeSelector:
-    """Decides when a frame becomes a map place (KeyframeConfig: any enabled criterion that is met).
-
-    A criterion is enabled when its setting is > 0 (distance also needs poses). With none enabled, every frame
-    is a keyframe. The first frame always is.
-    """
-
-    def __init__(self, config: KeyframeConfig = KeyframeConfig()) -> None:
-        self.config = config
-        self._last_stamp: int | None = None
-        self._last_pose: Pose | None = None
-
-    @property
-    def uses_novelty(self) -> bool:
-        return self.config.novelty_threshold > 0
-
-    def _any_enabled(self, pose: Pose | None) -> bool:
-        c = self.config
-        return c.min_interval_s > 0 or self.uses_novelty or (c.min_distance_m > 0 and pose is not None)
-
-    def cheap_reason(self, stamp_ns: int, pose: Pose | None) -> str:
-        """Reason from time/distance alone ('' if those criteria are not met)."""
-        c = self.config
-        if self._last_stamp is None:
-            return 'first'
-        if not self._any_enabled(pose):
-            return 'every frame'
-        if c.min_distance_m > 0 and pose is not None and self._last_pose is not None:
-            if math.dist(pose.position, self._last_pose.position) >= c.min_distance_m:
-                return 'distance'
-        if c.min_interval_s > 0 and (stamp_ns - self._last_stamp) >= c.min_interval_s * 1e9:
-            return 'time'
-        return ''
-
-    def reason(self, stamp_ns: int, pose: Pose | None, best_similarity: float | None) -> str:
-        """Why this frame is a keyframe ('' = it is not). best_similarity: max cosine to the map (None = empty)."""
-        why = self.cheap_reason(stamp_ns, pose)
-        if why or not self.uses_novelty:
-            return why
-        if best_similarity is None or best_similarity < self.config.novelty_threshold:
-            return 'novelty'
-        return ''
-
-    def mark(self, stamp_ns: int, pose: Pose | None) -> None:
-        """Record that a keyframe was taken."""
-        self._last_stamp = int(stamp_ns)
-        if pose is not None:
-            self._last_pose = pose
 
 
 @dataclass
@@ -105,6 +57,7 @@ def build_map(frames: Iterable, encoder, out: str | Path, keyframe: KeyframeConf
     if out.exists() and not overwrite:
         raise MapError(f'{out} already exists; choose another --out or pass --force to replace it')
     out.parent.mkdir(parents=True, exist_ok=True)
+    storage.clean_leftovers(out)   # staging folders of builds that were killed (they are never reused)
     staging = storage.temp_sibling(out, 'building')
     report, t0 = BuildReport(out), time.perf_counter()
     state = _State(encoder, staging, KeyframeSelector(keyframe), report)
@@ -118,7 +71,7 @@ def build_map(frames: Iterable, encoder, out: str | Path, keyframe: KeyframeConf
         state.pmap.compact()
         state.pmap.close()
         (staging / LOG_NAME).unlink(missing_ok=True)
-        _stamp_tool(staging, tool)
+        store.set_tool(staging, tool)
         storage.replace_dir(staging, out)
     except BaseException:
         if state.pmap is not None:
@@ -178,10 +131,7 @@ def _run(frames: Iterable, state: _State, batch_size: int, bar) -> None:
 
 def _take_novel(state: _State, batch: list) -> None:
     for frame, enc in zip(batch, state.encoder.encode([f.image for f in batch])):
-        best = None
-        if len(state.index):
-            best = float(state.index.search(np.asarray(enc.global_desc, np.float32), 1)[1][0, 0])
-        why = state.selector.reason(frame.stamp_ns, frame.pose, best)
+        why = state.selector.reason(frame.stamp_ns, frame.pose, best_similarity(state.index, enc))
         if why:
             state.take(frame, enc, why)
 
@@ -190,14 +140,3 @@ def _count(state: _State, bar, n: int) -> None:
     state.report.frames += n
     bar.update(n)
 
-
-def _stamp_tool(path: Path, tool: str) -> None:
-    """Record the building command in metadata.json (outside the checksummed files)."""
-    if not tool:
-        return
-    import json
-    meta_path = path / 'metadata.json'
-    meta = json.loads(meta_path.read_text())
-    meta['created']['tool'] = tool
-    meta_path.write_text(json.dumps(meta, indent=2) + '\n')
-    storage.fsync_path(meta_path)

@@ -148,7 +148,7 @@ def collect_scores(place_map, config: PipelineConfig, options: CalibrationOption
                    progress=None) -> tuple[list[QueryScores], str]:
     """Run the map's places as queries through `Localizer.rank`; returns the per-query scores and the basis."""
     from fol_ros.pipeline import Localizer
-    from fol_ros.verify.gate import Exclusion
+    from fol_ros.search.index import ExclusionFilter
 
     places = sorted(place_map.places, key=lambda p: (p.stamp_ns, p.place_id))
     with_pose = all(p.pose is not None for p in places)
@@ -165,7 +165,8 @@ def collect_scores(place_map, config: PipelineConfig, options: CalibrationOption
     for i in picks:
         query = places[i]
         excluded = temporal_neighbours(places, i, config.gate, use_stamps)
-        candidates = localizer.rank(stored_encoding(place_map, query.place_id), Exclusion(recent_ids=excluded))
+        candidates = localizer.rank(stored_encoding(place_map, query.place_id),
+                                    ExclusionFilter(ids=tuple(sorted(excluded))))
         if with_pose:
             q = np.asarray(query.pose.position)
             dist = [float(np.linalg.norm(np.asarray(c.pose.position) - q)) for c in candidates]

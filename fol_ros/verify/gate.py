@@ -13,38 +13,27 @@ The same exclusion is applied before retrieval (`exclusion()`), so excluded plac
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 from fol_ros.config import GateConfig
 from fol_ros.records import Candidate
+from fol_ros.search.index import ExclusionFilter
 
 _NS = 1_000_000_000
 
 
-@dataclass(frozen=True)
-class Exclusion:
-    """Places a query must not be matched with.
+def exclusion_reason(exclusion: ExclusionFilter, place_id: int, stamp_ns: int) -> str:
+    """Why the gate's exclusion (`LoopClosureGate.exclusion`) rules a place out, or '' if it does not.
 
-    Attributes:
-        max_stamp_ns: places stamped later than this are too recent (None: no time exclusion).
-        recent_ids: ids of the places added most recently in this session.
+    The gate states its exclusion as the retrieval index's own filter type, so that what retrieval hides and what
+    the gate rejects are one value; the gate sets only `ids` (places added most recently) and `newer_than_ns`.
     """
-
-    max_stamp_ns: int | None = None
-    recent_ids: frozenset[int] = field(default_factory=frozenset)
-
-    def reason(self, place_id: int, stamp_ns: int) -> str:
-        """Why a place is excluded, or '' if it is not."""
-        if place_id in self.recent_ids:
-            return f'place {place_id} is among the {len(self.recent_ids)} places added most recently'
-        if self.max_stamp_ns is not None and stamp_ns > self.max_stamp_ns:
-            return f'place {place_id} is newer than the recent-time window'
-        return ''
-
-    def excludes(self, place_id: int, stamp_ns: int) -> bool:
-        """True if the place must not be matched."""
-        return bool(self.reason(place_id, stamp_ns))
+    if int(place_id) in exclusion.ids:
+        return f'place {place_id} is among the {len(exclusion.ids)} places added most recently'
+    if exclusion.newer_than_ns is not None and stamp_ns > exclusion.newer_than_ns:
+        return f'place {place_id} is newer than the recent-time window'
+    return ''
 
 
 @dataclass(frozen=True)
@@ -84,18 +73,19 @@ class LoopClosureGate:
         if self.config.exclude_recent_places > 0:
             self._recent.append(int(place_id))
 
-    def exclusion(self, query_stamp_ns: int) -> Exclusion:
-        """The places a query taken at `query_stamp_ns` must not match."""
+    def exclusion(self, query_stamp_ns: int) -> ExclusionFilter:
+        """The places a query taken at `query_stamp_ns` must not match: those stamped later than
+        `newer_than_ns` (None: no time window) and the ids in `ids` (added most recently, sorted)."""
         window_ns = int(round(self.config.exclude_recent_s * _NS))
         max_stamp = int(query_stamp_ns) - window_ns if window_ns > 0 else None
-        return Exclusion(max_stamp_ns=max_stamp, recent_ids=frozenset(self._recent))
+        return ExclusionFilter(newer_than_ns=max_stamp, ids=tuple(sorted(self._recent)))
 
     def check(self, query_stamp_ns: int, candidate: Candidate | None) -> str:
         """Gates 1-3 for one candidate, without touching the temporal state: '' if it passes, else the reason."""
         cfg = self.config
         if candidate is None:
             return 'no candidate'
-        excluded = self.exclusion(query_stamp_ns).reason(candidate.place_id, candidate.stamp_ns)
+        excluded = exclusion_reason(self.exclusion(query_stamp_ns), candidate.place_id, candidate.stamp_ns)
         if excluded:
             return f'excluded: {excluded}'
         if candidate.global_similarity < cfg.min_global_similarity:
