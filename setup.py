@@ -17,8 +17,8 @@ setup(
     entry_points={'console_scripts': [
         'fol-ros = fol_ros.cli:main',
         'fol-ros-node = fol_ros.ros.node:main',
-        'fol-ros-recorder = fol_ros.ros.recorder:main',
-        'fol-ros-play = fol_ros.ros.player:main',
+        'fol-ros-recorder = fol_ros.tools.recorder:main',
+        'fol-ros-play = fol_ros.tools.player:main',
         'fol-ros-posegraph = fol_ros.ros.posegraph_node:main',
     ]},
 )

@@ -11,7 +11,7 @@ from fol_ros.encode.engine_cache import EngineCache
 from fol_ros.encode.export import boundary_ties, cell_patches
 from fol_ros.encode.onnx_engine import OnnxEncoder, onnx_encoder_from_net, providers_for
 from fol_ros.encode.tensorrt_engine import tensorrt_status
-from fol_ros.encode.torch_engine import tiny_test_encoder
+from fixtures.tiny_encoder import tiny_test_encoder
 from fol_ros.errors import EngineError
 from fol_ros.preprocess import preprocess
 

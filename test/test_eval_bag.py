@@ -29,7 +29,7 @@ def corridor_bag(tmp_path_factory, corridor_dir):
 
 @pytest.fixture(scope='module')
 def tiny_encoder():
-    from fol_ros.encode.torch_engine import tiny_test_encoder
+    from fixtures.tiny_encoder import tiny_test_encoder
     return tiny_test_encoder(seed=0)
 
 
@@ -82,7 +82,8 @@ def test_fol_ros_eval_bag_localisation_against_a_map(tmp_path, corridor_dir):
     import sys
 
     from conftest import ros_env
-    from fol_ros.encode.torch_engine import TorchEncoder, tiny_test_encoder
+    from fixtures.tiny_encoder import tiny_test_encoder
+    from fol_ros.encode.torch_engine import TorchEncoder
     from fol_ros.model.checkpoint import load_checkpoint, save_checkpoint
     from fol_ros.search.place_map import PlaceMap
     from fol_ros.sources import write_bag

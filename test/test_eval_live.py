@@ -28,7 +28,7 @@ def _wait(cond, timeout, what, logs=''):
 
 def test_recorder_scores_the_running_node(tmp_path, corridor_dir):
     import rclpy
-    from fol_ros.encode.torch_engine import tiny_test_encoder
+    from fixtures.tiny_encoder import tiny_test_encoder
     from fol_ros.model.checkpoint import save_checkpoint
     from fol_ros.sources import write_bag
     ckpt = save_checkpoint(tiny_test_encoder().net, tmp_path / 'tiny.pth')
@@ -39,7 +39,7 @@ def test_recorder_scores_the_running_node(tmp_path, corridor_dir):
                     [(t, Pose((float(x), 0.0, 0.0))) for t, x in zip(stamps, xs)], image_topic='/cam',
                     pose_topic='/odom')
     out = tmp_path / 'live.json'
-    rec = subprocess.Popen([sys.executable, '-m', 'fol_ros.ros.recorder', '--ros-args', '-p', f'out:={out}',
+    rec = subprocess.Popen([sys.executable, '-m', 'fol_ros.tools.recorder', '--ros-args', '-p', f'out:={out}',
                             '-p', 'pose_topic:=/odom', '-p', 'radius_m:=2.0', '-p', 'exclude_recent_s:=10.0',
                             '-p', 'exclude_recent_places:=3', '-p', 'log_every:=1'],
                            env=ros_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -57,7 +57,7 @@ def test_recorder_scores_the_running_node(tmp_path, corridor_dir):
         _wait(lambda: probe.count_subscribers('/odom') >= 2 and probe.count_subscribers('/cam') >= 1
               and probe.count_subscribers('/place_recognition') >= 1, 120, 'node and recorder',
               lambda: node.log() + ''.join(lines))
-        player = subprocess.run([sys.executable, '-m', 'fol_ros.ros.player', str(bag), '--rate', '2',
+        player = subprocess.run([sys.executable, '-m', 'fol_ros.tools.player', str(bag), '--rate', '2',
                                  '--wait-for-subscribers', '/cam', '/odom'], env=ros_env(), timeout=120)
         assert player.returncode == 0
         # The node's newest-frame slot always processes the last frame: wait for its result at the recorder.

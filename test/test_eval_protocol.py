@@ -14,7 +14,7 @@ from fol_ros.eval.protocol import DatasetEvalOptions, evaluate_dataset
 
 @pytest.fixture(scope='module')
 def tiny_encoder():
-    from fol_ros.encode.torch_engine import tiny_test_encoder
+    from fixtures.tiny_encoder import tiny_test_encoder
     return tiny_test_encoder(seed=0)
 
 

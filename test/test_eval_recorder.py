@@ -38,7 +38,7 @@ def test_recorder_scores_node_outputs_over_dds(tmp_path):
     from fol_ros.msg import LoopClosure, PlaceCandidate
     out = tmp_path / 'live.json'
     rec = subprocess.Popen(
-        [sys.executable, '-m', 'fol_ros.ros.recorder', '--ros-args', '-p', 'pose_topic:=/test_pose',
+        [sys.executable, '-m', 'fol_ros.tools.recorder', '--ros-args', '-p', 'pose_topic:=/test_pose',
          '-p', 'pose_type:=geometry_msgs/msg/PoseStamped',
          '-p', 'place_recognition_topic:=/test_pr', '-p', 'loop_closure_topic:=/test_lc', '-p', f'out:={out}',
          '-p', 'radius_m:=5.0', '-p', 'exclude_recent_s:=0.0', '-p', 'exclude_recent_places:=0',

@@ -17,7 +17,7 @@ S = 1_000_000_000
 
 
 def test_bag_with_ground_truth_reports_ate_of_odometry_and_loop_closed(corridor_dir, tmp_path):
-    from fol_ros.encode.torch_engine import tiny_test_encoder
+    from fixtures.tiny_encoder import tiny_test_encoder
     from fol_ros.search.place_map import PlaceMap
     from fol_ros.sources import write_bag
     encoder = tiny_test_encoder(seed=0)

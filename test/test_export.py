@@ -9,7 +9,7 @@ from fol_ros.encode.engine_cache import EngineCache
 from fol_ros.encode.export import (GLOBAL_COSINE_MIN, INPUT_NAME, OUTPUT_NAMES, baked_position_embeddings,
                                    boundary_ties, cached_onnx, cell_patches, compare_outputs, example_input,
                                    export_onnx, onnx_key, ort_session, torch_fixed_outputs, verify_onnx)
-from fol_ros.encode.torch_engine import tiny_test_encoder
+from fixtures.tiny_encoder import tiny_test_encoder
 from fol_ros.errors import EngineError
 
 SIZE = (322, 322)

@@ -54,7 +54,7 @@ def _folder(tmp_path, n, step_m=0.4):
 
 
 def test_build_from_folder_with_real_tiny_encoder(tmp_path):
-    from fol_ros.encode.torch_engine import tiny_test_encoder
+    from fixtures.tiny_encoder import tiny_test_encoder
     enc = tiny_test_encoder()
     folder, poses = _folder(tmp_path, 8)
     report = build_map(ImageFolderSource(folder, poses), enc, tmp_path / 'map', ONLY_DISTANCE, progress=False)

@@ -5,7 +5,8 @@ import torch
 
 from fol_ros.config import EngineConfig, ModelConfig
 from fol_ros.encode import Encoder, create_encoder
-from fol_ros.encode.torch_engine import TorchEncoder, local_cell_xy, tiny_test_encoder
+from fixtures.tiny_encoder import tiny_test_encoder
+from fol_ros.encode.torch_engine import TorchEncoder, local_cell_xy
 from fol_ros.errors import BadInputError, EngineError
 from fol_ros.model.checkpoint import save_checkpoint
 from fol_ros.model.fol import FoLNet

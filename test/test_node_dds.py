@@ -25,7 +25,7 @@ def assets(tmp_path_factory, corridor_dir):
     """A tiny seeded checkpoint and a map of the first 30 Corridor reference frames (stamped 0..29 s)."""
     from fol_ros.encode.base import create_encoder
     from fol_ros.config import EngineConfig, ModelConfig
-    from fol_ros.encode.torch_engine import tiny_test_encoder
+    from fixtures.tiny_encoder import tiny_test_encoder
     from fol_ros.model.checkpoint import save_checkpoint
     root = tmp_path_factory.mktemp('node')
     checkpoint = save_checkpoint(tiny_test_encoder().net, root / 'tiny.pth', label='tiny test model')

@@ -199,7 +199,7 @@ def test_geometric_verification_counts_inliers_and_gates_on_them(encoder):
 
 
 def test_real_tiny_encoder_end_to_end():
-    from fol_ros.encode.torch_engine import tiny_test_encoder
+    from fixtures.tiny_encoder import tiny_test_encoder
     rng = np.random.default_rng(3)
     images = [rng.integers(0, 256, (120, 160, 3), dtype=np.uint8) for _ in range(3)]
     enc = tiny_test_encoder()

@@ -33,7 +33,7 @@ def test_bag_replays_in_order_at_its_rate_with_clock(tmp_path):
     got, clocks = [], []
     node.create_subscription(String, '/chatter', lambda m: got.append((m.data, time.monotonic())), 100)
     node.create_subscription(Clock, '/clock', lambda m: clocks.append(m.clock.sec * 10**9 + m.clock.nanosec), 100)
-    player = subprocess.Popen([sys.executable, '-m', 'fol_ros.ros.player', str(tmp_path / 'bag'), '--clock',
+    player = subprocess.Popen([sys.executable, '-m', 'fol_ros.tools.player', str(tmp_path / 'bag'), '--clock',
                                '--wait-for-subscribers', '/chatter'], env=ros_env())
     try:
         deadline = time.monotonic() + 60

@@ -52,7 +52,7 @@ def odometry_msg(stamp_ns: int, pose: Pose) -> Odometry:
 def test_posegraph_node_removes_the_drift_of_a_streamed_revisit(tmp_path, corridor_dir):
     from fol_ros.config import EngineConfig, ModelConfig
     from fol_ros.encode.base import create_encoder
-    from fol_ros.encode.torch_engine import tiny_test_encoder
+    from fixtures.tiny_encoder import tiny_test_encoder
     from fol_ros.model.checkpoint import save_checkpoint
     checkpoint = save_checkpoint(tiny_test_encoder().net, tmp_path / 'tiny.pth', label='tiny test model')
     encoder = create_encoder(ModelConfig(checkpoint=str(checkpoint), input_size=(294, 294)),

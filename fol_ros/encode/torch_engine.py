@@ -1,14 +1,13 @@
 """PyTorch inference engine: preprocess -> FoLNet.forward_fixed -> per-image `Encoding`s."""
 from __future__ import annotations
 
-import hashlib
 import logging
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from fol_ros.errors import BadInputError, EngineError
+from fol_ros.errors import EngineError
 from fol_ros.model.fol import FoLNet
 from fol_ros.preprocess import preprocess
 from fol_ros.records import Encoding, ModelInfo
@@ -102,19 +101,3 @@ def encode_in_batches(images: Sequence[np.ndarray], color: str, info: ModelInfo,
                 local_xy=local_cell_xy(idx, grid[1], (h, w), image_size),
                 grid=grid, image_size=image_size))
     return out
-
-
-def tiny_test_encoder(seed: int = 0, input_size: tuple[int, int] = (294, 294), max_batch: int = 8) -> TorchEncoder:
-    """A seeded, randomly initialised tiny FoL encoder (dim 64, 4 blocks) for fast tests of other modules.
-
-    Same heads and output shapes as the real model (8448-d global, 128-d local); meaningless descriptors.
-    """
-    if seed < 0:
-        raise BadInputError(f'seed must be >= 0, got {seed}')
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = FoLNet('tiny')
-    digest = hashlib.sha256(f'fol_ros tiny test model, seed {seed}'.encode()).hexdigest()
-    info = ModelInfo(backbone='tiny', input_size=tuple(input_size), checkpoint_sha256=digest,
-                     label=f'tiny random test model (seed {seed})')
-    return TorchEncoder(net, info, device='cpu', max_batch=max_batch)
