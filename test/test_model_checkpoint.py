@@ -120,5 +120,68 @@ def test_untrusted_pickles_and_missing_files_are_refused(tmp_path):
     with pytest.raises(CheckpointError, match='does not exist'):
         load_checkpoint(tmp_path / 'nope.pth')
     (tmp_path / 'junk.pth').write_bytes(b'not a checkpoint')
-    with pytest.raises(CheckpointError, match='cannot read'):
+    with pytest.raises(CheckpointError, match='not a PyTorch checkpoint: it is a text file'):
         load_checkpoint(tmp_path / 'junk.pth')
+
+
+# Damaged files are refused at load, each with what is wrong (issue 16, item 7) --------------------------------
+def test_empty_file_is_refused(tmp_path):
+    (tmp_path / 'empty.pth').write_bytes(b'')
+    with pytest.raises(CheckpointError, match=r'is empty \(0 bytes\)'):
+        load_checkpoint(tmp_path / 'empty.pth')
+
+
+def test_text_file_is_refused(tmp_path):
+    (tmp_path / 'page.pth').write_text('<!DOCTYPE html><html><body>Download FoL_base.pth</body></html>\n')
+    with pytest.raises(CheckpointError, match=r"not a PyTorch checkpoint: it is a text file \(\d+ bytes, starts "
+                                              r"with b'<!DOCTYPE html>"):
+        load_checkpoint(tmp_path / 'page.pth')
+    (tmp_path / 'binary.pth').write_bytes(bytes(range(256)))
+    with pytest.raises(CheckpointError, match='neither a torch.save zip archive nor a legacy torch pickle'):
+        load_checkpoint(tmp_path / 'binary.pth')
+
+
+def test_directory_is_refused_as_a_directory(tmp_path):
+    (tmp_path / 'ckpt.pth').mkdir()
+    with pytest.raises(CheckpointError, match='is a directory, not a file'):
+        load_checkpoint(tmp_path / 'ckpt.pth')
+
+
+def test_truncated_file_is_refused(net, tmp_path):
+    data = save_checkpoint(net, tmp_path / 'ok.pth').read_bytes()
+    (tmp_path / 'cut.pth').write_bytes(data[:len(data) // 2])
+    with pytest.raises(CheckpointError, match='truncated or damaged torch.save archive'):
+        load_checkpoint(tmp_path / 'cut.pth')
+
+
+@pytest.mark.parametrize('extra', ['module.backbone.model.blocks.4.norm1.weight', 'module.backbone.model.blocks.x',
+                                   'module.aggregator.extra_bias'])
+def test_extra_keys_are_named(net, tmp_path, extra):
+    sd = {'module.' + k: v for k, v in net.state_dict().items()}
+    sd[extra] = torch.ones(64)
+    torch.save({'model_state_dict': sd}, tmp_path / 'extra.pth')
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(tmp_path / 'extra.pth')
+    assert f'1 unexpected keys: {extra.removeprefix("module.")}' in str(err.value)
+    assert 'blocks, which is none of' not in str(err.value)
+
+
+@pytest.mark.parametrize('value', [float('nan'), float('inf')])
+def test_non_finite_weights_are_refused(net, tmp_path, value):
+    sd = {k: v.clone() for k, v in net.state_dict().items()}
+    sd['upconv.weight'].view(-1)[5] = value
+    sd['backbone.model.blocks.2.mlp.fc1.bias'][:3] = value
+    torch.save({'model_state_dict': sd}, tmp_path / 'nan.pth')
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(tmp_path / 'nan.pth')
+    msg = str(err.value)
+    assert 'NaN or infinite values in 2 tensors' in msg
+    assert 'backbone.model.blocks.2.mlp.fc1.bias (3 of 256)' in msg and 'upconv.weight (1 of ' in msg
+
+
+def test_expected_sha256_is_checked_before_parsing(net, tmp_path):
+    path = save_checkpoint(net, tmp_path / 'ok.pth')
+    _, info = load_checkpoint(path, expected_sha256=file_sha256(path))
+    assert info.checkpoint_sha256 == file_sha256(path)
+    with pytest.raises(CheckpointError, match='not 0000000000000000… recorded when it was verified'):
+        load_checkpoint(path, expected_sha256='0' * 64)
