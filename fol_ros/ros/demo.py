@@ -185,7 +185,7 @@ def run(out: pathlib.Path, quick: bool, rate: float, weights: str = 'vits14') ->
                         # the map's places are 0.96 m apart: a closure puts the robot within about that
                         '-p', 'graph.place_spacing_m:=1.0'], env, out / 'posegraph.log')
     # Recall is scored against the ground truth, never against the drifting odometry; the trajectories too.
-    recorder = _start([sys.executable, '-m', 'fol_ros.ros.recorder', '--ros-args',
+    recorder = _start([sys.executable, '-m', 'fol_ros.tools.recorder', '--ros-args',
                        '-p', f'pose_topic:={GROUND_TRUTH_TOPIC}', '-p', f'odom_topic:={POSE_TOPIC}',
                        '-p', f'path_topic:={PATH_TOPIC}',
                        '-p', f'map_path:={map_dir}', '-p', f'out:={out / "live.json"}', '-p', 'radius_m:=3.0',
@@ -193,7 +193,7 @@ def run(out: pathlib.Path, quick: bool, rate: float, weights: str = 'vits14') ->
     watcher = Watcher()
     try:
         _say('node started (log: %s); replaying traversal 2 at %.2fx the bag rate' % (out / 'node.log', rate))
-        player = subprocess.Popen([sys.executable, '-m', 'fol_ros.ros.player', str(bag2), '--clock',
+        player = subprocess.Popen([sys.executable, '-m', 'fol_ros.tools.player', str(bag2), '--clock',
                                    '--rate', str(rate), '--wait-for-subscribers', IMAGE_TOPIC, '--wait-timeout', '180'],
                                   env=env)
         # Spin while the bag plays, so that loop closures are printed as they happen.
