@@ -23,7 +23,7 @@ test-all:  ## everything, soak and real-data training included
 
 # FOL_WEIGHTS=base|large: the paper's weights (after `fol-ros weights download base|large`), slower replay on a CPU
 demo: setup  ## the main job: map from traversal 1, node over DDS, replay traversal 2, evaluate
-	$(PY) -m fol_ros.ros.demo $(if $(FOL_WEIGHTS),--weights $(FOL_WEIGHTS)) $(DEMO_ARGS)
+	$(PY) -m fol_ros.tools.demo $(if $(FOL_WEIGHTS),--weights $(FOL_WEIGHTS)) $(DEMO_ARGS)
 
 bench: setup
 	$(PY) bench/bench_model.py

@@ -14,7 +14,7 @@ def test_quick_demo_answers_every_frame_and_writes_the_report(tmp_path):
     out = tmp_path / 'demo'
     # 0.4x the bag rate (a frame every 5 s): a shared 2-core CI machine was seen taking up to 4 s for a frame that
     # usually takes 1 s, and the demo's contract is that every frame sent is answered.
-    proc = subprocess.run([sys.executable, '-m', 'fol_ros.ros.demo', '--quick', '--rate', '0.4', '--out', str(out)],
+    proc = subprocess.run([sys.executable, '-m', 'fol_ros.tools.demo', '--quick', '--rate', '0.4', '--out', str(out)],
                           env=ros_env(FOL_ROS_DEMO_DOMAIN_ID=str(100 + int(ros_env()['ROS_DOMAIN_ID']) % 30)),
                           capture_output=True, text=True, timeout=900)
     log = proc.stdout + proc.stderr
