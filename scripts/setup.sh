@@ -41,6 +41,8 @@ else
 fi
 # the pose-graph example and the trajectory error need these two; fail here, not in the middle of the demo
 "$VENV/bin/python" -c 'import gtsam, evo.core.metrics' || fail "gtsam / evo import (pip install gtsam evo, requirements.txt)"
+# `fol-ros weights download base|large` (the paper's checkpoints) needs huggingface_hub
+"$VENV/bin/python" -c 'import huggingface_hub' || fail "huggingface_hub import (pip install huggingface_hub, requirements.txt)"
 
 h=$(hash_of CMakeLists.txt package.xml msg/*.msg srv/*.srv requirements-ros.txt)
 if ! done_already interfaces "$h"; then
