@@ -7,7 +7,7 @@ import pytest
 
 from fol_ros.errors import MapError, MapMismatchError
 from fol_ros.records import Encoding, ModelInfo, Pose
-from fol_ros.search import load as load_mod
+from fol_ros.search import store as store_mod
 from fol_ros.search import storage
 from fol_ros.search.place_map import LOG_NAME, PlaceMap
 
@@ -51,7 +51,7 @@ def test_save_load_roundtrip(tmp_path):
     for i, enc in enumerate(encs):
         _same_tokens(back, i, enc)
     meta = json.loads((tmp_path / 'map' / 'metadata.json').read_text())
-    assert meta['format_version'] == 1 and meta['count'] == 4 and meta['model']['fingerprint'] == MODEL.fingerprint
+    assert meta['format_version'] == 2 and meta['count'] == 4 and meta['model']['fingerprint'] == MODEL.fingerprint
     assert meta['total_local_tokens'] == sum(5 + 3 * i for i in range(4)) and meta['created']['tool'] == 'test'
     assert not list(tmp_path.glob('.map.*'))               # no temporary siblings left
 
@@ -162,9 +162,9 @@ def test_failed_save_keeps_the_old_map(tmp_path, monkeypatch):
     bigger, _ = _filled(5, seed=9)
 
     def boom(*args):
-        (args[1] / 'globals.npy').write_bytes(b'partial')
+        (args[0] / 'globals.npy').write_bytes(b'partial')
         raise OSError('disk full')
-    monkeypatch.setattr(load_mod, '_write_files', boom)
+    monkeypatch.setattr(store_mod, '_write_files', boom)
     with pytest.raises(OSError, match='disk full'):
         bigger.save(tmp_path / 'map')
     assert len(PlaceMap.load(tmp_path / 'map')) == 2

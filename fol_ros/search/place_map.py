@@ -1,42 +1,29 @@
-"""PlaceMap: the places a robot has seen, with FoL descriptors, on disk and in memory.
+"""PlaceMap: the places a robot has seen, with FoL descriptors, as the in-memory view the pipeline searches.
 
-Directory layout (format version 1; no pickle anywhere, every .npy is loaded with allow_pickle=False):
-    metadata.json       format, version, model identity, dims/dtypes, counts, creation info, size + sha256 per file
-    places.csv          the places table (see places.py)
-    globals.npy         float32 [N, 8448] unit-norm global descriptors
-    local.npy           float16 [sum L, 128] local tokens of all places, concatenated (memory-mapped on load)
-    local_index.npy     int32 [sum L] flat index of each token in its place's local grid
-    local_xy.npy        float32 [sum L, 2] token pixel coordinates in the source image
-    local_offsets.npy   int64 [N + 1] token row range of place i: offsets[i]:offsets[i + 1]
-    append.log          optional: places added/removed since the last save or compaction (see storage.py)
-    index.faiss         optional: a saved retrieval index (see index.py); rebuilt when missing or stale
-    calibration.json    optional: gate thresholds estimated for this map and model (verify/calibration.py), listed
-                        with its size and sha256 in metadata.json under "calibration"
+Every byte on disk (layout, metadata schema, checksums, append log, compaction, calibration file) belongs to the
+map store (`store.py`); this module only keeps the places, descriptors and token views in memory and asks the store
+to read, append and write.
 """
 from __future__ import annotations
 
-import fcntl
-import json
 import logging
 import mmap
 import os
-import platform
-import time
 from pathlib import Path
 
 import numpy as np
 
-from fol_ros.errors import MapError, MapMismatchError
+from fol_ros.errors import MapError
 from fol_ros.records import Encoding, ModelInfo, Pose
-from fol_ros.search import storage
-from fol_ros.search.places import Place, read_places, write_places
+from fol_ros.search import metadata, store
+from fol_ros.search.places import Place
 
 LOG = logging.getLogger(__name__)
 
-FORMAT = 'fol_ros.place_map'
-FORMAT_VERSION = 1
-LOG_NAME = 'append.log'
-BASE_FILES = ('places.csv', 'globals.npy', 'local.npy', 'local_index.npy', 'local_xy.npy', 'local_offsets.npy')
+FORMAT = metadata.FORMAT
+FORMAT_VERSION = metadata.FORMAT_VERSION
+LOG_NAME = store.LOG_NAME
+BASE_FILES = store.BASE_FILES
 _BASE, _LOGGED, _MEM = 0, 1, 2
 
 
@@ -58,10 +45,11 @@ class PlaceMap:
         self._where: dict[int, tuple[int, int]] = {}   # place id -> (storage kind, offset)
         self._mem_tokens: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._base: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-        self._log_file = None
+        self._log = None                       # storage.AppendLog while open for appending
         self._durable = True
         self._log_map: mmap.mmap | None = None
         self._log_size = 0
+        self.globals_sha256 = ''               # checksum of the saved base descriptors ('' = not from disk)
         self._next_id = 0
         self._cache: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self.calibration = None          # verify.calibration.Calibration of this map, kept across saves
@@ -84,8 +72,30 @@ class PlaceMap:
         Raises:
             MapError: missing, truncated, corrupt or of an unknown format version.
         """
-        from fol_ros.search.load import load_map
-        return load_map(cls, Path(path), expect, verify)
+        return cls._from_stored(store.read_map(Path(path), expect, verify))
+
+    @classmethod
+    def _from_stored(cls, stored: store.StoredMap) -> 'PlaceMap':
+        pmap = cls(stored.model, stored.global_dim, stored.local_dim)
+        pmap.path = stored.path
+        pmap.globals_sha256 = stored.globals_sha256
+        pmap.calibration, pmap.calibration_problem = stored.calibration, stored.calibration_problem
+        pmap._base = stored.tokens
+        pmap._globals = stored.globals
+        for row, (place, start) in enumerate(zip(stored.places, stored.offsets[:-1].tolist())):
+            pmap._row_ids.append(place.place_id)
+            pmap._row[place.place_id] = row
+            pmap._places[place.place_id] = place
+            pmap._where[place.place_id] = (_BASE, int(start))
+        for entry in stored.log:
+            if isinstance(entry, store.LoggedRemove):
+                pmap._drop(entry.ids)
+            else:
+                pmap._insert(entry.place, entry.global_desc, (_LOGGED, entry.tokens_at))
+        pmap._log_map, pmap._log_size = stored.log_buffer, stored.log_size
+        pmap._next_id = stored.next_place_id
+        pmap._cache = None
+        return pmap
 
     @classmethod
     def open_append(cls, path: str | Path, model: ModelInfo | None = None, durable: bool = True,
@@ -97,7 +107,7 @@ class PlaceMap:
                 turns it off for speed, since its output only becomes visible once complete.
         """
         path = Path(path)
-        if not (path / 'metadata.json').exists():
+        if not os.path.lexists(path / metadata.NAME):
             if model is None:
                 raise MapError(f'no place map at {path}; pass the model to create a new one there')
             cls.create(model, global_dim, local_dim).save(path)
@@ -116,6 +126,11 @@ class PlaceMap:
     def places(self) -> list[Place]:
         """The places table in insertion order."""
         return [self._places[i] for i in self._row_ids if i >= 0]
+
+    @property
+    def next_place_id(self) -> int:
+        """The id the next added place gets (ids are never reused after removal)."""
+        return self._next_id
 
     @property
     def pending_log_bytes(self) -> int:
@@ -165,13 +180,7 @@ class PlaceMap:
             return local[off:off + n], index[off:off + n], xy[off:off + n]
         if self._log_map is None or len(self._log_map) < self._log_size:
             self._remap_log()
-        buf = self._log_map
-        d = self.local_dim
-        local = np.frombuffer(buf, np.float16, n * d, off).reshape(n, d)
-        off += storage.pad16(n * d * 2) + n * d * 2
-        index = np.frombuffer(buf, np.int32, n, off)
-        off += storage.pad16(n * 4) + n * 4
-        return local, index, np.frombuffer(buf, np.float32, 2 * n, off).reshape(n, 2)
+        return store.log_tokens(self._log_map, off, n, self.local_dim)
 
     # ----- growth -------------------------------------------------------------------------------------
     def add(self, encoding: Encoding, stamp_ns: int, pose: Pose | None = None, source: str = '',
@@ -180,11 +189,10 @@ class PlaceMap:
         g, local, index, xy = self._check(encoding)
         place = Place(self._next_id, int(stamp_ns), frame_id, pose, source, tuple(map(int, encoding.grid)),
                       tuple(map(int, encoding.image_size)), len(local))
-        if self._log_file is not None:
-            blobs = [g.tobytes(), local.tobytes(), index.tobytes(), xy.tobytes()]
-            record, offsets = storage.encode_record(storage.KIND_ADD, place.to_json(), blobs)
+        if self._log is not None:
+            record, tokens_at = store.add_record(place, g, (local, index, xy))
             start = self._append(record)
-            where = (_LOGGED, start + offsets[1])
+            where = (_LOGGED, start + tokens_at)
         else:
             self._mem_tokens.append((local, index, xy))
             where = (_MEM, len(self._mem_tokens) - 1)
@@ -197,15 +205,16 @@ class PlaceMap:
         missing = [i for i in ids if i not in self._places]
         if missing:
             raise MapError(f'cannot remove places {missing[:10]}: not in the map')
-        if self._log_file is not None:
-            self._append(storage.encode_record(storage.KIND_REMOVE, {'ids': ids}, [])[0])
+        if self._log is not None:
+            self._append(store.remove_record(ids))
         self._drop(ids)
 
     def save(self, path: str | Path, tool: str = '') -> None:
         """Write the whole map (log folded in) to `path` atomically: temporary sibling, fsync, rename."""
-        from fol_ros.search.load import write_map
         path = Path(path).resolve()
-        write_map(self, path, tool)
+        store.write_map(path, model=self.model, global_dim=self.global_dim, local_dim=self.local_dim,
+                        places=self.places, global_matrix=self.global_matrix(), tokens_of=self.local_tokens,
+                        next_place_id=self._next_id, calibration=self.calibration, tool=tool)
         if self.path is not None and path == self.path.resolve():
             self._reopen(path)
 
@@ -217,9 +226,9 @@ class PlaceMap:
 
     def close(self) -> None:
         """Close the append log (if open); the map stays readable."""
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
 
     # ----- internals ----------------------------------------------------------------------------------
     def _check(self, enc: Encoding) -> tuple[np.ndarray, ...]:
@@ -259,61 +268,25 @@ class PlaceMap:
         self._cache = None
 
     def _open_log(self, durable: bool) -> None:
-        path = self.path / LOG_NAME
-        created = not path.exists()
-        self._log_file = open(path, 'ab')
-        try:   # one writer per map: a second appender would interleave records
-            fcntl.flock(self._log_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._log_file.close()
-            self._log_file = None
-            raise MapError(f'{self.path} is already open for appending by another process (or PlaceMap); '
-                           'close it first (a running node in mapping mode holds it)') from None
-        self._log_file.truncate(self._log_size)   # drop a torn tail so new records follow good ones
+        self._log = store.open_log(self.path, self._log_size, durable)
         self._durable = durable
-        if created:
-            storage.fsync_path(self.path)
 
     def _append(self, record: bytes) -> int:
-        start = self._log_size
-        self._log_file.write(record)
-        self._log_file.flush()
-        if self._durable:
-            os.fsync(self._log_file.fileno())
-        self._log_size += len(record)
+        start = self._log.append(record)
+        self._log_size = self._log.size
         return start
 
     def _remap_log(self) -> None:
-        if self._log_file is not None:
-            self._log_file.flush()
-        with open(self.path / LOG_NAME, 'rb') as handle:
-            self._log_map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        if self._log is not None:
+            self._log.flush()
+        self._log_map = store.map_log(self.path)
 
     def _reopen(self, path: Path) -> None:
         durable = self._durable
-        was_appending = self._log_file is not None
+        was_appending = self._log is not None
         self.close()
         fresh = type(self).load(path, expect=self.model, verify='size')
         self.__dict__.update(fresh.__dict__)
         if was_appending:
             self._open_log(durable)
 
-
-def creation_info(tool: str) -> dict:
-    """Who/when/where wrote a map, for metadata.json."""
-    return {'utc': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()), 'host': platform.node(),
-            'tool': tool or 'fol_ros', 'numpy': np.__version__}
-
-
-def metadata_dict(pmap: PlaceMap, files: dict, total_tokens: int, tool: str) -> dict:
-    m = pmap.model
-    return {'format': FORMAT, 'format_version': FORMAT_VERSION,
-            'model': {'fingerprint': m.fingerprint, 'backbone': m.backbone, 'input_size': list(m.input_size),
-                      'checkpoint_sha256': m.checkpoint_sha256, 'label': m.label},
-            'global_dim': pmap.global_dim, 'global_dtype': 'float32', 'local_dim': pmap.local_dim,
-            'local_dtype': 'float16', 'count': len(pmap), 'total_local_tokens': int(total_tokens),
-            'next_place_id': pmap._next_id, 'created': creation_info(tool), 'files': files}
-
-
-def dump_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2) + '\n', encoding='utf-8')

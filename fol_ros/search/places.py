@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import csv
+import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from fol_ros.errors import MapError
 from fol_ros.records import Pose
+from fol_ros.search.storage import read_capped
 
+_I64 = (1 << 63) - 1
 COLUMNS = ('place_id', 'stamp_ns', 'frame_id', 'pose_frame', 'x', 'y', 'z', 'qx', 'qy', 'qz', 'qw',
            'grid_h', 'grid_w', 'image_h', 'image_w', 'num_tokens', 'source')
 
@@ -41,8 +44,12 @@ class Place:
         return row
 
     @staticmethod
-    def from_json(row: dict) -> 'Place':
-        return _parse([str(row[c]) for c in COLUMNS], 'log record')
+    def from_json(row: dict, where: str = 'log record') -> 'Place':
+        """Parse a place written by `to_json` (MapError naming the problem when a field is missing or bad)."""
+        if not isinstance(row, dict) or not all(isinstance(row.get(c), str) for c in COLUMNS):
+            missing = [c for c in COLUMNS if not isinstance(row, dict) or not isinstance(row.get(c), str)]
+            raise MapError(f'{where}: place field {missing[0]!r} is missing or not a string')
+        return _parse([row[c] for c in COLUMNS], where)
 
 
 def _fmt(v: float) -> str:
@@ -68,10 +75,20 @@ def _parse(row: list[str], where: str) -> Place:
             if not all(math.isfinite(v) for v in vals):
                 raise ValueError('non-finite pose')
             pose = Pose(tuple(vals[:3]), tuple(vals[3:]), row[3])
-        return Place(int(row[0]), int(row[1]), row[2], pose, row[16], (int(row[11]), int(row[12])),
-                     (int(row[13]), int(row[14])), int(row[15]))
-    except ValueError as exc:
-        raise MapError(f'{where}: bad value in row {row[:2]}: {exc}') from exc
+        place = Place(int(row[0]), int(row[1]), row[2], pose, row[16], (int(row[11]), int(row[12])),
+                      (int(row[13]), int(row[14])), int(row[15]))
+        for text in (row[2], row[3], row[16]):
+            text.encode('utf-8')   # lone surrogates cannot be written back or logged
+    except (ValueError, UnicodeError) as exc:
+        raise MapError(f'{where}: bad value in row {ascii(row[:2])}: {ascii(str(exc))}') from None
+    for name, value, lo, hi in (('place_id', place.place_id, 0, _I64), ('stamp_ns', place.stamp_ns, -_I64 - 1, _I64),
+                                ('grid_h', place.grid[0], 0, 1 << 16), ('grid_w', place.grid[1], 0, 1 << 16),
+                                ('image_h', place.image_size[0], 0, 1 << 20),
+                                ('image_w', place.image_size[1], 0, 1 << 20),
+                                ('num_tokens', place.num_tokens, 0, 1 << 24)):
+        if not lo <= value <= hi:
+            raise MapError(f'{where}: {name} {value} is out of range {lo}..{hi}')
+    return place
 
 
 def write_places(path: Path, places: list[Place]) -> None:
@@ -84,11 +101,15 @@ def write_places(path: Path, places: list[Place]) -> None:
         handle.flush()
 
 
-def read_places(path: Path) -> list[Place]:
-    """Read a table written by `write_places`; raises MapError on a wrong header or a bad row."""
-    with open(path, newline='', encoding='utf-8') as handle:
-        reader = csv.reader(handle)
+def read_places(path: Path, cap: int = 1 << 34) -> list[Place]:
+    """Read a table written by `write_places` (a regular file of at most `cap` bytes); raises MapError on a wrong
+    header, bad UTF-8 or a bad row."""
+    try:
+        text = read_capped(Path(path), cap).decode('utf-8')
+        reader = csv.reader(io.StringIO(text, newline=''))
         header = next(reader, None)
         if tuple(header or ()) != COLUMNS:
-            raise MapError(f'{path}: unexpected header {header}; not a fol_ros places table')
+            raise MapError(f'{path}: unexpected header {ascii(header)[:200]}; not a fol_ros places table')
         return [_parse(row, f'{path}:{i + 2}') for i, row in enumerate(reader)]
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise MapError(f'{path} is not a readable places table ({exc}); the map is damaged') from None
