@@ -1,7 +1,10 @@
 """The whole place-recognition pipeline for one frame: preprocess -> encode -> search -> re-rank -> verify -> gate.
 
-`Localizer` is the only core object the ROS node calls (and the evaluation replays). Each stage is timed into a
-`StageTimings`. Two modes:
+The stages are module functions (`retrieve`, `rerank`, `verify`, `best_similarity`, `KeyframeSelector`) that every
+consumer runs: the node and `fol-ros eval --bag` through `Localizer`, the paper protocol (eval/protocol.py) with its
+exact L2 index and K as options, and `fol-ros map build` for its keyframes. `Localizer` is the only core object the
+ROS node calls. Each stage, decoding included, is timed into a `StageTimings` whose total_ms is the stages' sum.
+Two modes:
 - localisation (default): frames are matched against a loaded map, which never changes;
 - mapping: frames are matched against the places seen so far and join the map as keyframes by travelled distance,
   elapsed time or novelty (`KeyframeConfig`), so loops are closed within one session.

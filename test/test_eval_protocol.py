@@ -81,3 +81,33 @@ def test_fol_ros_eval_command_writes_json_and_report(tmp_path, corridor_dir, tin
                           '--dataset', str(tmp_path / 'missing'), '--out', str(out)], env=ros_env(),
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and 'does not exist' in bad.stderr
+
+
+def test_tokens_go_to_the_map_storage_on_disk_and_the_work_dir_is_emptied(tmp_path, corridor_dir, tiny_encoder):
+    """One token storage: the protocol keeps each side in a PlaceMap appended to on disk (fp16, place id = image
+    position), not in RAM and not in a file format of its own."""
+    import numpy as np
+
+    from fol_ros.eval.datasets import read_rgb
+    from fol_ros.eval.protocol import encode_images
+    paths = sorted((corridor_dir / 'ref').glob('*.jpg'))[:3]
+    timings: list[float] = []
+    store = encode_images(paths, tiny_encoder, tmp_path / 'db', 3, timings, 'database')
+    try:
+        direct = tiny_encoder.encode([read_rgb(p) for p in paths])
+        assert len(store) == 3 and len(timings) == 3 and store.place_ids().tolist() == [0, 1, 2]
+        for i, enc in enumerate(direct):
+            local = store.local_tokens(i)[0]
+            assert local.dtype == np.float16 and local.shape == enc.local.shape
+            np.testing.assert_allclose(local, enc.local.astype(np.float16), atol=1e-3)
+            np.testing.assert_allclose(store.global_matrix()[i], enc.global_desc, atol=1e-6)
+            assert store.place(i).source == str(paths[i])
+        on_disk = sum(f.stat().st_size for f in (tmp_path / 'db').rglob('*') if f.is_file())
+        assert on_disk > sum(e.local.shape[0] for e in direct) * 128 * 2   # every fp16 token is in a file
+    finally:
+        store.close()
+    work = tmp_path / 'work'
+    work.mkdir()
+    ds = load_dataset(_layout(tmp_path / 'toy', corridor_dir), radius_m=5.0)
+    evaluate_dataset(ds, tiny_encoder, DatasetEvalOptions(rerank_k=2, recall_values=(1,), work_dir=str(work)))
+    assert list(work.iterdir()) == []

@@ -143,6 +143,29 @@ def test_keyframes_by_time_distance_and_novelty(encoder):
     assert added == [0, -1, 1, -1, -1, 2]
 
 
+def test_retrieve_with_the_exact_l2_index_is_the_official_search():
+    """The paper protocol's retrieval is the pipeline's `retrieve` with an exact L2 index: faiss IndexFlatL2's ids
+    and distances, all queries in one call, and the cosine (1 - d/2) as each candidate's global similarity."""
+    import faiss
+
+    from fol_ros.pipeline import ExactL2Index, retrieve
+    rng = np.random.default_rng(3)
+    db, queries = _unit(rng.normal(size=(30, 16))), _unit(rng.normal(size=(25, 16)))
+    pmap = PlaceMap.create(ModelInfo('scene', (294, 294), '0' * 64), global_dim=16, local_dim=4)
+    for i, g in enumerate(db):
+        pmap.add(Encoding(g, np.ones((1, 4), np.float32) / 2, np.zeros(1, np.int32), np.zeros((1, 2), np.float32),
+                          (1, 1), (1, 1)), i)
+    flat = faiss.IndexFlatL2(16)
+    flat.add(db)
+    dists, ids = flat.search(queries, 7)
+    found = retrieve(ExactL2Index(pmap.global_matrix(), pmap.place_ids()), pmap, queries, 7)
+    np.testing.assert_array_equal(found.ids, ids)
+    np.testing.assert_array_equal(found.scores, dists)
+    for q, cands in enumerate(found.candidates):
+        assert [c.place_id for c in cands] == ids[q].tolist() and [c.retrieval_rank for c in cands] == list(range(7))
+        np.testing.assert_allclose([c.global_similarity for c in cands], db[ids[q]] @ queries[q], atol=1e-5)
+
+
 def test_one_keyframe_policy_for_the_node_and_map_build(encoder, tmp_path):
     """Every criterion at 0 keeps every frame, in the node's mapping mode and in map build alike (they used to
     disagree: the node kept only the first frame); with only distance set, frames without a pose are kept too."""
