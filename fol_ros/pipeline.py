@@ -315,8 +315,8 @@ class Localizer:
         self.config = self._with_gate_thresholds(config)
         self.gate = LoopClosureGate(self.config.gate)
         self._index = GlobalIndex(config.search)
-        if place_map is not None and len(place_map):
-            self._index.build(place_map.global_matrix(), place_map.place_ids(), place_map.stamps_ns())
+        if place_map is not None and len(place_map):   # loads the IVF/HNSW index map build saved, if it fits
+            self._index = GlobalIndex.for_map(place_map, config.search, write=False)
         self.keyframes = KeyframeSelector(config.keyframe)
 
     def _with_gate_thresholds(self, config: PipelineConfig) -> PipelineConfig:
