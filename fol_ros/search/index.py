@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +18,8 @@ import faiss
 import numpy as np
 
 from fol_ros.config import GateConfig, SearchConfig
-from fol_ros.errors import ConfigError
+from fol_ros.errors import ConfigError, MapError
+from fol_ros.search import storage
 
 LOG = logging.getLogger(__name__)
 INDEX_FILE = 'index.faiss'
@@ -167,44 +170,79 @@ class GlobalIndex:
         return x
 
     @classmethod
-    def for_map(cls, pmap, config: SearchConfig = SearchConfig(), cache: bool = True) -> 'GlobalIndex':
-        """Index of a PlaceMap's places; IVF/HNSW are cached as MAP/index.faiss and rebuilt when stale."""
+    def for_map(cls, pmap, config: SearchConfig = SearchConfig(), cache: bool = True,
+                write: bool = True) -> 'GlobalIndex':
+        """Index of a PlaceMap's places.
+
+        IVF/HNSW: the index saved in MAP/index.faiss (by `fol-ros map build --index` or an earlier call) is loaded
+        when it was built from exactly these places and descriptors with these index parameters; otherwise it is
+        built, and saved there when `write` (the node passes write=False: it never writes into a map at
+        configure). A flat index is always built: copying the descriptors already in RAM is faster than reading a
+        second copy from disk (bench/bench_map_store.py).
+        """
+        t0 = time.perf_counter()
         index = cls(config, pmap.global_dim)
-        ids, stamps, matrix = pmap.place_ids(), pmap.stamps_ns(), pmap.global_matrix()
-        key = _cache_key(config, ids, pmap.path)
-        path = None if pmap.path is None or config.index_type == 'flat' or not cache else pmap.path / INDEX_FILE
-        if path is not None and path.exists() and _read_key(path) == key:
+        ids, stamps = pmap.place_ids(), pmap.stamps_ns()
+        saved = None if pmap.path is None or config.index_type == 'flat' or not cache else pmap.path / INDEX_FILE
+        key = index_key(config, ids, pmap.globals_sha256) if saved is not None else ''
+        why = 'flat index' if config.index_type == 'flat' else 'map not on disk' if pmap.path is None else ''
+        if saved is not None:
+            loaded, why = _read_saved(saved, key, pmap.global_dim, len(ids), pmap.verified or 'full')
+            if loaded is not None:
+                index._index = loaded
+                index._ids, index._stamps, index._alive = ids.copy(), stamps.copy(), np.ones(len(ids), bool)
+                LOG.info('index: loaded %s (%s, %d places) in %.2f s', saved, config.index_type, len(ids),
+                         time.perf_counter() - t0)
+                return index
+        index.build(pmap.global_matrix(), ids, stamps)
+        LOG.info('index: built %s over %d places in %.2f s (%s)', config.index_type, len(ids),
+                 time.perf_counter() - t0, why or 'no saved index')
+        if saved is not None and write:
             try:
-                index._index = faiss.read_index(str(path))
-                if index._index.ntotal == len(ids):
-                    index._ids, index._stamps, index._alive = ids.copy(), stamps.copy(), np.ones(len(ids), bool)
-                    return index
-            except RuntimeError as exc:
-                LOG.warning('%s unreadable (%s): rebuilding the index', path, exc)
-        index.build(matrix, ids, stamps)
-        if path is not None:
-            try:
-                index.save(path)
-                path.with_suffix('.json').write_text(json.dumps({'key': key}))
+                _write_saved(index._index, saved, key)
             except OSError as exc:
-                LOG.warning('cannot cache the index at %s (%s); it will be rebuilt next time', path, exc)
+                LOG.warning('cannot save the index at %s (%s); it will be rebuilt next time', saved, exc)
         return index
 
 
-def _cache_key(config: SearchConfig, ids: np.ndarray, map_path: Path | None) -> str:
-    """Identity of an index: its parameters, the place ids and the base descriptors' checksum."""
+def index_key(config: SearchConfig, ids: np.ndarray, globals_sha256: str) -> str:
+    """Identity of a saved index: its build parameters, the place ids and the base descriptors' checksum (ids are
+    never reused, so ids + base checksum name the descriptors; search-time nprobe / efSearch are not part of it)."""
     digest = hashlib.sha256(np.ascontiguousarray(ids, np.int64).tobytes())
-    try:
-        meta = json.loads((map_path / 'metadata.json').read_text())
-        digest.update(meta['files']['globals.npy']['sha256'].encode())
-    except (TypeError, OSError, ValueError, KeyError):
-        pass
+    digest.update(globals_sha256.encode())
     c = config
     return f'{c.index_type}-{c.ivf_nlist}-{c.hnsw_m}-{len(ids)}-{digest.hexdigest()[:16]}'
 
 
-def _read_key(path: Path) -> str:
+def _read_saved(path: Path, key: str, dim: int, count: int, verify: str) -> tuple[faiss.Index | None, str]:
+    """(index, '') when `path` holds the index named by `key`, else (None, why not). Both files must be regular
+    files; index.faiss must have the size (and with verify='full' the sha256) recorded beside it, so a damaged
+    or replaced file is never handed to faiss."""
+    side = path.with_suffix('.json')
+    if not path.exists() and not path.is_symlink():
+        return None, 'no saved index'
     try:
-        return json.loads(path.with_suffix('.json').read_text())['key']
-    except (OSError, ValueError, KeyError):
-        return ''
+        info = json.loads(storage.read_capped(side, 1 << 16).decode('utf-8'))
+        if not isinstance(info, dict) or info.get('key') != key:
+            return None, f'{path.name} was built from other places or parameters'
+        if storage.check_regular(path).st_size != info.get('bytes'):
+            return None, f'{path.name} does not have the size recorded in {side.name}'
+        if verify == 'full' and storage.sha256_file(path, limit=int(info['bytes'])) != info.get('sha256'):
+            return None, f'{path.name} does not match its sha256'
+        index = faiss.read_index(str(path))
+    except (MapError, OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+        LOG.warning('saved index %s not used: %s', path, exc)
+        return None, f'{path.name} unusable'
+    if index.ntotal != count or index.d != dim or index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        return None, f'{path.name} holds {index.ntotal} x {index.d}, the map {count} x {dim}'
+    return index, ''
+
+
+def _write_saved(index: faiss.Index, path: Path, key: str) -> None:
+    """index.faiss and its identity (index.json: key, size, sha256), each replaced atomically."""
+    tmp = path.with_name(f'.{path.name}.tmp')
+    faiss.write_index(index, str(tmp))
+    info = {'key': key, 'bytes': tmp.stat().st_size, 'sha256': storage.sha256_file(tmp)}
+    storage.fsync_path(tmp)
+    os.replace(tmp, path)
+    storage.write_file_atomic(path.with_suffix('.json'), json.dumps(info).encode())

@@ -50,6 +50,7 @@ class PlaceMap:
         self._log_map: mmap.mmap | None = None
         self._log_size = 0
         self.globals_sha256 = ''               # checksum of the saved base descriptors ('' = not from disk)
+        self.verified = ''                     # how the files were checked at load: 'full', 'size' ('' = not loaded)
         self._next_id = 0
         self._cache: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self.calibration = None          # verify.calibration.Calibration of this map, kept across saves
@@ -72,7 +73,9 @@ class PlaceMap:
         Raises:
             MapError: missing, truncated, corrupt or of an unknown format version.
         """
-        return cls._from_stored(store.read_map(Path(path), expect, verify))
+        pmap = cls._from_stored(store.read_map(Path(path), expect, verify))
+        pmap.verified = verify
+        return pmap
 
     @classmethod
     def _from_stored(cls, stored: store.StoredMap) -> 'PlaceMap':
