@@ -219,6 +219,8 @@ def _hub_download(rel: Release, force: bool, revision: str) -> pathlib.Path:
     from huggingface_hub import constants
     where = f'{_endpoint()}/{rel.repo_id} ({rel.filename}, revision {revision})'
     logging.getLogger('huggingface_hub').propagate = False   # it prints its own warnings (retries) once
+    for name in ('httpx2', 'httpx'):   # one INFO line per HTTP request otherwise
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         return pathlib.Path(hf_hub_download(rel.repo_id, rel.filename, revision=revision, force_download=force))
     except (GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError, RemoteEntryNotFoundError) as exc:
