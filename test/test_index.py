@@ -115,3 +115,38 @@ def test_for_map_caches_approximate_index(tmp_path, monkeypatch):
     monkeypatch.undo()
     pmap.remove([0])                                    # different places: the cache is stale and rebuilt
     assert 0 not in GlobalIndex.for_map(pmap, cfg).search(pmap.global_matrix()[:4], 3)[0]
+
+
+def test_localizer_loads_the_saved_index_and_never_trusts_a_damaged_one(tmp_path, monkeypatch):
+    from fol_ros.config import PipelineConfig
+    from fol_ros.pipeline import Localizer
+    rng = np.random.default_rng(6)
+    model = ModelInfo('tiny', (294, 294), '0' * 64)
+    pmap = PlaceMap.create(model, global_dim=32, local_dim=8)
+    for i, g in enumerate(_unit(rng.normal(size=(80, 32)))):
+        pmap.add(Encoding(g, np.ones((2, 8), np.float32), np.zeros(2, np.int32), np.zeros((2, 2), np.float32),
+                          (81, 81), (100, 100)), i)
+    pmap.save(tmp_path / 'map')
+    hnsw = PipelineConfig(search=SearchConfig(index_type='hnsw'))
+    GlobalIndex.for_map(PlaceMap.load(tmp_path / 'map'), hnsw.search)          # what `map build --index` does
+
+    class Encoder:
+        info, name = model, 'fake'
+    built = []
+    real_build = GlobalIndex.build
+    monkeypatch.setattr(GlobalIndex, 'build', lambda self, *a, **k: built.append(1) or real_build(self, *a, **k))
+    loc = Localizer(hnsw, Encoder(), PlaceMap.load(tmp_path / 'map'))
+    assert built == [] and len(loc._index) == 80                     # loaded, not rebuilt
+    other = PipelineConfig(search=SearchConfig(index_type='hnsw', hnsw_m=16))
+    Localizer(other, Encoder(), PlaceMap.load(tmp_path / 'map'))
+    assert built == [1]                                               # other parameters: rebuilt
+    saved = tmp_path / 'map' / INDEX_FILE
+    data = bytearray(saved.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    saved.write_bytes(bytes(data))
+    loc = Localizer(hnsw, Encoder(), PlaceMap.load(tmp_path / 'map'))
+    assert built == [1, 1] and loc._index.search(pmap.global_matrix()[5], 1)[0][0, 0] == 5
+    saved.unlink()
+    saved.symlink_to('/dev/zero')
+    Localizer(hnsw, Encoder(), PlaceMap.load(tmp_path / 'map'))
+    assert built == [1, 1, 1]
