@@ -13,6 +13,18 @@ import numpy as np
 from fol_ros.records import Pose
 
 
+def nearest_index(stamps: Sequence[int], stamp_ns: int, tolerance_ns: int | None = None) -> int | None:
+    """Index of the stamp nearest to `stamp_ns` in a sorted sequence (the earlier one on a tie), or None when the
+    sequence is empty or the nearest is farther than `tolerance_ns` (None = any distance). The one rule for "the
+    sample that goes with this frame", also used by the pose graph to attach a loop closure to its odometry."""
+    t = int(stamp_ns)
+    i = bisect.bisect_left(stamps, t)
+    j = min((k for k in (i - 1, i) if 0 <= k < len(stamps)), key=lambda k: abs(stamps[k] - t), default=None)
+    if j is None or (tolerance_ns is not None and abs(stamps[j] - t) > tolerance_ns):
+        return None
+    return j
+
+
 class PoseTrack:
     """Stamped poses kept in stamp order (out-of-order samples are placed by stamp).
 
@@ -52,14 +64,8 @@ class PoseTrack:
     def nearest(self, stamp_ns: int, tolerance_ns: int | None = None) -> Pose | None:
         """The sample nearest in time (the earlier one on a tie), or None when there is none within
         `tolerance_ns` (None = any distance in time: what the node gives its pipeline)."""
-        if not self._stamps:
-            return None
-        t = int(stamp_ns)
-        i = bisect.bisect_left(self._stamps, t)
-        j = min((k for k in (i - 1, i) if 0 <= k < len(self._stamps)), key=lambda k: abs(self._stamps[k] - t))
-        if tolerance_ns is not None and abs(self._stamps[j] - t) > tolerance_ns:
-            return None
-        return self._poses[j]
+        j = nearest_index(self._stamps, stamp_ns, tolerance_ns)
+        return None if j is None else self._poses[j]
 
     def position_at(self, stamp_ns: int) -> np.ndarray | None:
         """Position at `stamp_ns`, linearly interpolated between the samples around it when they are at most

@@ -23,7 +23,6 @@ which is why the graph is incremental (iSAM2) rather than one batch solve over f
 """
 from __future__ import annotations
 
-import bisect
 import logging
 from collections import deque
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from dataclasses import dataclass
 import gtsam
 import numpy as np
 
+from fol_ros.pose_track import nearest_index
 from fol_ros.posegraph.closures import LoopConstraint, closure_measurement, robust_noise
 from fol_ros.posegraph.se3 import covariance_gtsam_to_ros, diagonal_sigmas, from_pose3, to_pose3
 from fol_ros.posegraph.settings import PoseGraphSettings
@@ -211,15 +211,10 @@ class LoopPoseGraph:
 
     def _attach(self, stamp_ns: int) -> tuple[int, gtsam.Pose3] | None:
         """(nearest keyframe index, odometry offset keyframe -> stamp) or None without odometry near the stamp."""
-        stamps = self._odom_stamps
-        j = bisect.bisect_left(stamps, stamp_ns)
-        near = min((k for k in (j - 1, j) if 0 <= k < len(stamps)), key=lambda k: abs(stamps[k] - stamp_ns),
-                   default=None)
-        if near is None or abs(stamps[near] - stamp_ns) > self._tolerance_ns():
+        near = nearest_index(self._odom_stamps, stamp_ns, self._tolerance_ns())
+        if near is None:
             return None
-        ks = [k.stamp_ns for k in self.keyframes]
-        i = bisect.bisect_left(ks, stamp_ns)
-        best = min((k for k in (i - 1, i) if 0 <= k < len(ks)), key=lambda k: abs(ks[k] - stamp_ns))
+        best = nearest_index([k.stamp_ns for k in self.keyframes], stamp_ns)
         return best, self.keyframes[best].odom.between(self._odom_poses[near])
 
     def _retry_pending(self) -> None:
