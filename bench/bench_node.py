@@ -1,4 +1,4 @@
-"""Node overhead: receipt -> publish latency per stage of place_recognition_node vs the pipeline's own time.
+"""Node overhead: what place_recognition_node adds, as a client sees it, to the pipeline's own stage time.
 
     .venv/bin/python bench/bench_node.py [--frames 20] [--map-size 40] [--size 322] [--engine torch]
 
@@ -6,9 +6,11 @@
 2. sends each query frame through `Localizer.process` in this process (the core's own time, in a worker thread)
    and then through the node (a child process, the shipped config/fol_ros.yaml, DDS on loopback), alternating,
    so both see the same machine load; one frame at a time, so no frame waits in the slot; the node's per-stage
-   latency and receipt -> publish total come from each PlaceRecognition,
+   latency (the pipeline's own, total_ms = their sum) comes from each PlaceRecognition, the client's round trip
+   (publish -> result received) from the bench's clock,
 4. writes bench/results/node_latency.json and node_latency.md. Overhead = what the node adds to the pipeline's
-   own stage time for the same frames (receipt -> publish minus the stages), summed over frames (target < 10 %);
+   own stage time for the same frames (round trip minus the stages: DDS both ways, serialisation, slot, wake-up,
+   message building), summed over frames (target < 10 %);
    the in-process core run is reported beside it.
 """
 from __future__ import annotations
@@ -89,8 +91,8 @@ def node_frame(client, image, stamp: int) -> dict:
     msg = client.wait_result(stamp, timeout=300)
     row = {s: float(getattr(msg.latency, s)) for s in STAGES}
     row['round_trip_ms'] = (time.perf_counter() - sent) * 1000.0
-    row['pipeline_ms'] = sum(row[s] for s in STAGES[:-1])
-    row['node_added_ms'] = row['total_ms'] - row['pipeline_ms']
+    row['pipeline_ms'] = row['total_ms']   # the pipeline's stages, summed by the pipeline
+    row['node_added_ms'] = row['round_trip_ms'] - row['pipeline_ms']
     return row
 
 
@@ -142,7 +144,7 @@ def main() -> int:
     finally:
         rclpy.try_shutdown()
     core_s, node_s = _summary(core), _summary(node)
-    # what the node adds (decode, slot, wake-up, messages) relative to the pipeline time of the same frames
+    # what the node adds (DDS both ways, slot, wake-up, messages) relative to the pipeline time of the same frames
     overhead = sum(r['node_added_ms'] for r in node) / sum(r['pipeline_ms'] for r in node)
     versus_core = node_s['total_ms']['p50'] / core_s['wall_ms']['p50'] - 1.0
     report = {
@@ -156,7 +158,7 @@ def main() -> int:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / 'node_latency.json').write_text(json.dumps(report, indent=2))
-    lines = ['# Node latency: receipt -> publish vs the core pipeline (ms, p50 / p90)', '',
+    lines = ['# Node latency: client round trip vs the core pipeline (ms, p50 / p90)', '',
              f'CPU, {os.cpu_count()} cores, torch {torch.__version__}; ViT-S/14 at {args.size}x{args.size}, '
              f'engine {args.engine}, map of {args.map_size} Corridor places, {len(core)} query frames.', '',
              '| stage | core (Localizer.process) | node (PlaceRecognition.latency) |', '|---|---|---|']
@@ -166,11 +168,11 @@ def main() -> int:
     lines += [f'| core wall time of process() | {core_s["wall_ms"]["p50"]:.1f} / {core_s["wall_ms"]["p90"]:.1f} | |',
               f'| client round trip (publish -> result received) | | {node_s["round_trip_ms"]["p50"]:.1f} / '
               f'{node_s["round_trip_ms"]["p90"]:.1f} |', '',
-              f'| node-added time (receipt->publish minus the pipeline stages) | | '
+              f'| node-added time (round trip minus the pipeline stages) | | '
               f'{node_s["node_added_ms"]["p50"]:.1f} / {node_s["node_added_ms"]["p90"]:.1f} |', '',
               f'Node overhead (sum of node-added time / sum of pipeline time, same frames): **{overhead * 100:.2f} %** '
               '(target < 10 %).',
-              f'Median node receipt->publish vs median in-process core wall time (frames interleaved: core, node, '
+              f'Median node stage total vs median in-process core wall time (frames interleaved: core, node, '
               f'core, ...): {versus_core * 100:+.1f} %.']
     (out / 'node_latency.md').write_text('\n'.join(lines) + '\n')
     print('\n'.join(lines))  # the bench's own console output
