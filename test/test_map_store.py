@@ -319,3 +319,33 @@ def test_every_single_bit_flip_of_metadata_is_refused_or_loads_identically(tmp_p
     print(f'version 1: {len(original) * 8} flips: {counts}')
     assert counts['refused'] > 0.9 * len(original) * 8
 
+
+
+def test_search_modules_import_each_other_without_a_cycle():
+    """Issue 15.3: load.py and place_map.py imported each other; the store is now a one-way stack (function-level
+    imports count too)."""
+    import ast
+    from pathlib import Path
+    folder = Path(__file__).resolve().parents[1] / 'fol_ros' / 'search'
+    graph = {}
+    for file in folder.glob('*.py'):
+        deps = set()
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith('fol_ros.search'):
+                tail = node.module[len('fol_ros.search'):].lstrip('.')
+                deps |= {tail} if tail else {a.name for a in node.names}
+        graph[file.stem] = deps & {f.stem for f in folder.glob('*.py')}
+    done, path = set(), []
+
+    def visit(name):
+        assert name not in path, f'import cycle: {" -> ".join(path + [name])}'
+        if name in done:
+            return
+        path.append(name)
+        for dep in graph[name]:
+            visit(dep)
+        path.pop()
+        done.add(name)
+    for name in graph:
+        visit(name)
+    assert 'place_map' not in graph['store'] and 'place_map' not in graph['load']
