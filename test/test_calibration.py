@@ -16,45 +16,56 @@ from fol_ros.verify import calibration as cal
 MODEL = ModelInfo('vits14', (294, 294), 'ab' * 32, 'synthetic')
 
 
-def _scores(worst_matches, negative_sims, best=None):
-    out = []
-    for i, (m, g) in enumerate(zip(worst_matches, negative_sims)):
-        negatives = np.array([[g, m], [g - 0.05, m // 2]], float)
-        b = best[i] if best is not None else None
-        out.append(cal.QueryScores(negatives, b, b is not None))
+def _scores(negatives, bests=None):
+    """QueryScores from best-negative (g, m, i) rows and, optionally, best revisit rows."""
+    out = [cal.QueryScores(tuple(map(float, n)), None, False) for n in negatives]
+    for b in bests or []:
+        out.append(cal.QueryScores(None, tuple(map(float, b)), True))
     return out
 
 
 def test_threshold_from_a_known_distribution_of_negative_matches():
-    # 200 queries whose best negatives have 0..199 matches at an uninformative similarity; true revisits have 150+
-    # matches at the same similarity: the 1 % budget (2 queries) puts the threshold just above the 3rd-worst
+    # 200 queries whose best negatives have 0..199 matches at an uninformative similarity; revisits have 150..349
+    # matches: the 1 % budget (2 queries) puts M just above the 3rd-highest best negative
     rng = np.random.default_rng(0)
-    worst = rng.permutation(200)
-    sims = np.full(200, 0.6)
-    best = [(0.6, 150.0 + i) for i in range(200)]
-    g, m, false, true = cal.choose_thresholds(_scores(worst, sims, best), 0.99, rerank_enabled=True)
-    assert (g, m, false) == (-1.0, 198, 2)
-    assert true == sum(150 + i >= 198 for i in range(200))
-    g, m, false, _ = cal.choose_thresholds(_scores(worst, sims, best), 0.995, rerank_enabled=True)
+    negatives = [(0.6, m, 0) for m in rng.permutation(200)]
+    revisits = [(0.6, 150 + i, 0) for i in range(200)]
+    (g, m, i), false, true = cal.choose_thresholds(_scores(negatives, revisits), 0.99, rerank_enabled=True)
+    assert (g, m, i, false) == (-1.0, 198, 0, 2)
+    assert true == sum(150 + k >= 198 for k in range(200))
+    (g, m, i), false, _ = cal.choose_thresholds(_scores(negatives, revisits), 0.995, rerank_enabled=True)
     assert (m, false) == (199, 1)
 
 
 def test_global_similarity_threshold_when_it_separates():
-    # negatives never exceed cosine 0.4 but may have many matches; revisits have cosine 0.8 and few matches:
-    # the best pair is a global floor just above the 2nd-highest negative cosine (budget: 1 of 100) with 1 match
-    worst = np.arange(100) + 50
+    # best negatives never exceed cosine 0.4 but may have many matches; revisits have cosine 0.8 and few matches:
+    # the best choice is a global floor just above the 2nd-highest negative cosine (budget 1 of 100) with M = 1
     sims = np.linspace(0.1, 0.4, 100)
-    best = [(0.8, 5.0)] * 100
-    g, m, false, true = cal.choose_thresholds(_scores(worst, sims, best), 0.99, rerank_enabled=True)
-    assert g == float(np.nextafter(sims[-2], 1)) and m == 1 and true == 100 and false == 1
-    # without re-ranking only the similarity is calibrated: just above the best negative (budget 1 of 100: 2nd best)
-    g, m, false, _ = cal.choose_thresholds(_scores(worst, sims, best), 0.99, rerank_enabled=False)
-    assert m == 0 and false <= 1 and g <= float(np.nextafter(0.4, 1))
+    negatives = [(g, 50 + k, 0) for k, g in enumerate(sims)]
+    revisits = [(0.8, 5, 0)] * 100
+    (g, m, i), false, true = cal.choose_thresholds(_scores(negatives, revisits), 0.99, rerank_enabled=True)
+    assert g == float(np.nextafter(sims[-2], 1)) and m == 1 and i == 0 and true == 100 and false == 1
+    # without re-ranking only the similarity is calibrated
+    (g, m, i), false, _ = cal.choose_thresholds(_scores(negatives, revisits), 0.99, rerank_enabled=False)
+    assert m == 0 and false <= 1 and g == float(np.nextafter(sims[-2], 1))
+
+
+def test_inlier_threshold_when_geometry_separates():
+    # negatives reach the revisits' match counts but never more than 12 inliers; revisits have 30+
+    rng = np.random.default_rng(1)
+    negatives = [(0.7, int(rng.integers(100, 600)), int(rng.integers(0, 13))) for _ in range(150)]
+    revisits = [(0.7, int(rng.integers(100, 600)), int(rng.integers(30, 90))) for _ in range(150)]
+    (g, m, i), false, true = cal.choose_thresholds(_scores(negatives, revisits), 0.99, rerank_enabled=True,
+                                                   verify_enabled=True)
+    assert true == 150 and false <= 1 and 1 <= i <= 30
+    # without verification the same data can only be separated by matches: recall drops
+    (_, m2, i2), _, true2 = cal.choose_thresholds(_scores(negatives, revisits), 0.99, rerank_enabled=True)
+    assert i2 == 0 and true2 < true
 
 
 def test_too_few_places_name_the_minimum():
     with pytest.raises(ConfigError, match=f'at least {cal.MIN_QUERIES} places'):
-        cal.choose_thresholds(_scores(range(10), [0.5] * 10), 0.99, rerank_enabled=True)
+        cal.choose_thresholds(_scores([(0.5, k, 0) for k in range(10)]), 0.99, rerank_enabled=True)
 
 
 def _route_map(n=60, spacing=1.0, seed=0):
@@ -95,8 +106,8 @@ def test_calibrated_gate_accepts_no_negative_of_its_map():
     assert not fallback and f'min_local_matches {c.min_local_matches}' in note
     scores, _ = cal.collect_scores(pmap, CONFIG, cal.CalibrationOptions(negative_distance_m=8.0))
     for s in scores:
-        passing = (s.negatives[:, 0] >= gate.min_global_similarity) & (s.negatives[:, 1] >= gate.min_local_matches)
-        assert not passing.any()
+        g, m, i = s.negative
+        assert not (g >= gate.min_global_similarity and m >= gate.min_local_matches and i >= gate.min_inliers)
     assert c.true_accepts >= 0.8 * c.revisits > 0
 
 
@@ -125,7 +136,7 @@ def test_calibration_is_stored_checksummed_and_tied_to_the_model(tmp_path):
 
 
 def test_auto_refuses_a_calibration_for_another_model():
-    c = cal.Calibration(MODEL.fingerprint, (294, 294), 0.99, 0.3, 42, True, 'poses', 60, 0, 50, 55, {})
+    c = cal.Calibration(MODEL.fingerprint, (294, 294), 0.99, 0.3, 42, 0, True, 'poses', 60, 0, 50, 55, {})
     other = dataclasses.replace(MODEL, checkpoint_sha256='cd' * 32)
     gate, note, fallback = cal.resolve_gate(GateConfig(), c, other, True)
     assert fallback and gate == GateConfig() and 'calibrated for model' in note
@@ -142,7 +153,7 @@ def test_auto_refuses_a_calibration_for_another_model():
 def test_localizer_runs_the_calibrated_gate():
     from fol_ros.pipeline import Localizer
     pmap = _route_map(n=30)
-    pmap.calibration = cal.Calibration(MODEL.fingerprint, (294, 294), 0.99, 0.25, 17, True, 'poses', 30, 0, 1, 1, {})
+    pmap.calibration = cal.Calibration(MODEL.fingerprint, (294, 294), 0.99, 0.25, 17, 0, True, 'poses', 30, 0, 1, 1, {})
     loc = Localizer(CONFIG, cal._StoredEncodings(MODEL), pmap)
     assert (loc.gate.config.min_global_similarity, loc.gate.config.min_local_matches) == (0.25, 17)
     assert not loc.gate_fallback and loc.config.gate.min_local_matches == 17

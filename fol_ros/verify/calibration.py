@@ -2,15 +2,16 @@
 
 Fixed thresholds (0.5 cosine, 30 matches) mean nothing across weights, input sizes and scenes. A map knows better:
 every place is run as a query against the rest through the node's own ranking path (`Localizer.rank`: retrieval,
-FoL re-ranking, verification), with the node's exclusion of temporal neighbours (places within
-gate.exclude_recent_s of the query, both ways, or within exclude_recent_places ids when the map has no stamps).
-Candidates farther than `negative_distance_m` from the query (poses), or outside that window (no poses), are
-negatives: a place the gate must never accept. For thresholds (G, M) on (global similarity, local matches), a query
-*false-accepts* when any of its negatives passes both: the conservative model of a robot in a place the map does
-not hold, whose best candidate is then its best negative. The calibration picks, among the (G, M) whose estimated
-false-accept rate per query is <= 1 - target_precision, the pair that accepts the most queries whose best candidate
-is a true revisit (within `positive_distance_m`; without poses: the smallest thresholds). Temporal consistency in the
-gate lowers the false-accept rate further; it is not counted, so the estimate is conservative.
+FoL re-ranking, RANSAC verification of the best candidates), with the node's exclusion of temporal neighbours
+(places within gate.exclude_recent_s of the query, both ways, or within exclude_recent_places ids when the map has no
+stamps). To see what the gate would see if the robot stood in a place the map does not hold, each query is ranked a
+second time with every place within `negative_distance_m` of it also excluded (poses; without poses the temporal
+window alone separates): the best candidate of that ranking, verified like any best candidate, is the query's *best
+negative*. Thresholds (G, M, I) on global similarity, local matches and inliers false-accept a query when its best
+negative passes all three. The calibration keeps, among the thresholds whose estimated false-accept rate per query is
+at most 1 - target_precision, those that accept the most queries whose ordinary best candidate is a true revisit
+(within `positive_distance_m`; without poses: the lowest thresholds, global similarity relaxed first). Temporal
+consistency in the gate lowers the rate further; it is not counted, so the estimate is conservative.
 
 The result is stored in the map (calibration.json, listed with its sha256 in metadata.json) and tied to the model
 fingerprint and input size; `resolve_gate` decides at configure which thresholds the node runs.
@@ -63,6 +64,7 @@ class Calibration:
     target_precision: float
     min_global_similarity: float
     min_local_matches: int
+    min_inliers: int
     rerank_enabled: bool
     basis: str                    # 'poses' or 'time' (how negatives were told apart)
     queries: int                  # queries that had at least one negative candidate
@@ -91,7 +93,7 @@ class Calibration:
             raise MapError(f'calibration version {data.get("version")!r}; this fol_ros reads {CALIBRATION_VERSION}: '
                            'run `fol-ros map calibrate` again')
         types = {'model_fingerprint': str, 'target_precision': float, 'min_global_similarity': float,
-                 'min_local_matches': int, 'rerank_enabled': bool, 'basis': str, 'queries': int,
+                 'min_local_matches': int, 'min_inliers': int, 'rerank_enabled': bool, 'basis': str, 'queries': int,
                  'false_accepts': int, 'true_accepts': int, 'revisits': int, 'settings': dict, 'created_utc': str}
         kwargs = {}
         for name, kind in types.items():
@@ -108,13 +110,20 @@ class Calibration:
         return cls(input_size=(size[0], size[1]), **kwargs)
 
 
+Scores = tuple[float, float, float]   # (global similarity, local matches, geometric inliers)
+
+
 @dataclass
 class QueryScores:
-    """What one calibration query saw: every negative candidate's scores, and its best candidate's label."""
+    """What one calibration query saw: its best negative, and its ordinary best candidate with its label."""
 
-    negatives: np.ndarray          # float64 [n, 2]: (global similarity, local matches)
-    best: tuple[float, float] | None
-    best_is_revisit: bool
+    negative: Scores | None        # best candidate once the query's surroundings are excluded (None: nothing left)
+    best: Scores | None            # best candidate with only the temporal neighbours excluded
+    best_is_revisit: bool          # `best` lies within positive_distance_m (always False without poses)
+
+
+def _scores(candidate) -> Scores:
+    return (float(candidate.global_similarity), float(candidate.local_matches), float(candidate.geometric_inliers))
 
 
 class _StoredEncodings:
@@ -155,6 +164,7 @@ def collect_scores(place_map, config: PipelineConfig, options: CalibrationOption
     stamps = np.array([p.stamp_ns for p in places])
     use_stamps = len(places) > 1 and bool(np.any(np.diff(stamps) > 0)) and config.gate.exclude_recent_s > 0
     basis = 'poses' if with_pose else 'time' if use_stamps else 'index'
+    positions = np.array([p.pose.position for p in places], float) if with_pose else None
     # the gate is not consulted here (rank() stops before it): fixed thresholds keep resolve_gate quiet
     ranking = dataclasses.replace(config, gate=dataclasses.replace(config.gate, thresholds='fixed'))
     localizer = Localizer(ranking, _StoredEncodings(place_map.model), place_map)
@@ -164,67 +174,69 @@ def collect_scores(place_map, config: PipelineConfig, options: CalibrationOption
     out = []
     for i in picks:
         query = places[i]
-        excluded = temporal_neighbours(places, i, config.gate, use_stamps)
-        candidates = localizer.rank(stored_encoding(place_map, query.place_id),
-                                    ExclusionFilter(ids=tuple(sorted(excluded))))
+        encoding = stored_encoding(place_map, query.place_id)
+        temporal = temporal_neighbours(places, i, config.gate, use_stamps)
+        ordinary = localizer.rank(encoding, ExclusionFilter(ids=tuple(sorted(temporal))))
+        best = _scores(ordinary[0]) if ordinary else None
         if with_pose:
-            q = np.asarray(query.pose.position)
-            dist = [float(np.linalg.norm(np.asarray(c.pose.position) - q)) for c in candidates]
-            negative = [d > options.negative_distance_m for d in dist]
-            best_is_revisit = bool(candidates) and dist[0] <= options.positive_distance_m
-        else:   # every candidate outside the temporal window counts as a negative: conservative
-            negative = [True] * len(candidates)
-            best_is_revisit = False
-        scores = np.array([(c.global_similarity, c.local_matches) for c, neg in zip(candidates, negative) if neg],
-                          np.float64).reshape(-1, 2)
-        best = (candidates[0].global_similarity, float(candidates[0].local_matches)) if candidates else None
-        out.append(QueryScores(scores, best, best_is_revisit))
+            dist = np.linalg.norm(positions - positions[i], axis=1)
+            near = frozenset(p.place_id for p, d in zip(places, dist) if d <= options.negative_distance_m)
+            negatives = localizer.rank(encoding, ExclusionFilter(ids=tuple(sorted(temporal | near))))
+            revisit = bool(ordinary) and float(np.linalg.norm(
+                np.asarray(ordinary[0].pose.position) - positions[i])) <= options.positive_distance_m
+        else:   # everything outside the temporal window counts as a negative: conservative
+            negatives, revisit = ordinary, False
+        out.append(QueryScores(_scores(negatives[0]) if negatives else None, best, revisit))
         if progress is not None:
             progress(len(out), len(picks))
     return out, basis
 
 
-def choose_thresholds(scores: list[QueryScores], target_precision: float,
-                      rerank_enabled: bool) -> tuple[float, int, int, int]:
-    """(G, M, false accepts, true accepts) maximising true accepts with false accepts <= budget.
+def _grid(values: np.ndarray, off: float, size: int) -> list[float]:
+    """Candidate thresholds: `off` (the check disabled) and just above each observed value (at most `size`)."""
+    values = np.unique(values)
+    if len(values) > size:
+        values = np.unique(np.quantile(values, np.linspace(0, 1, size), method='higher'))
+    return [off] + [float(np.nextafter(v, np.inf)) for v in values]
+
+
+def choose_thresholds(scores: list[QueryScores], target_precision: float, rerank_enabled: bool,
+                      verify_enabled: bool = False) -> tuple[tuple[float, int, int], int, int]:
+    """((G, M, I), false accepts, true accepts): the most true accepts with false accepts <= budget.
 
     budget = floor((1 - target_precision) * queries): zero below 100 queries, i.e. strictly above every observed
-    negative. Pure function of the scores (tested on synthetic distributions).
+    best negative. M is derived exactly for each (G, I) on the grid; M >= 1 when re-ranking runs (0 matches is never
+    evidence of a place). Pure function of the scores (tested on synthetic distributions).
     """
-    usable = [s for s in scores if len(s.negatives)]
+    usable = [s for s in scores if s.negative is not None]
     if len(usable) < MIN_QUERIES:
         raise ConfigError(f'calibration needs at least {MIN_QUERIES} places whose candidates include negatives; this '
                           f'map gives {len(usable)} (of {len(scores)} places). Add places (a longer or denser route), '
                           'lower --negative-distance, or run the node with gate.thresholds: fixed')
     budget = int(math.floor((1.0 - target_precision) * len(usable) + 1e-9))
-    g_values = np.unique(np.concatenate([s.negatives[:, 0] for s in usable]))
-    # G candidates: off, and just above each negative similarity (at most 256 quantiles keep this fast)
-    if len(g_values) > 256:
-        g_values = np.quantile(g_values, np.linspace(0, 1, 256))
-    g_grid = [-1.0] + [float(np.nextafter(g, np.inf)) for g in g_values] if rerank_enabled else \
-        [float(np.nextafter(g, np.inf)) for g in g_values] + [-1.0]
+    neg = np.array([s.negative for s in usable], float)
+    pos = np.array([s.best for s in scores if s.best_is_revisit], float).reshape(-1, 3)
+    g_grid = _grid(neg[:, 0], -1.0, 128)
+    # I: off, or one more than an observed best-negative inlier count (integers: strictly above it)
+    i_grid = [0] + [int(v) + 1 for v in np.unique(np.quantile(neg[:, 2], np.linspace(0, 1, 24), method='higher'))] \
+        if verify_enabled else [0]
     best = None
-    for g in g_grid:
-        if rerank_enabled:
-            # per query, the most matches any negative at similarity >= g has (-1: none)
-            worst = np.array([s.negatives[s.negatives[:, 0] >= g, 1].max(initial=-1.0) for s in usable])
-            ranked = np.sort(worst)[::-1]
-            m = int(ranked[budget]) + 1 if budget < len(ranked) and ranked[budget] >= 0 else 0
-            m = max(m, 1)   # 0 matches is never evidence of a place
-        else:
-            m = 0
-            worst = np.array([s.negatives[:, 0].max() for s in usable])
-        false = int(sum(bool(np.any((s.negatives[:, 0] >= g) & (s.negatives[:, 1] >= m))) for s in usable))
-        if false > budget:
-            continue
-        true = sum(1 for s in scores if s.best_is_revisit and s.best[0] >= g and s.best[1] >= m)
-        key = (true, -g, -m)   # equal recall: the lowest global floor (FoL's local score decides)
-        if best is None or key > best[0]:
-            best = (key, g, m, false, true)
-    if best is None:   # unreachable with G = just above every negative similarity; kept as a clear failure
+    for i in i_grid:
+        for g in g_grid:
+            passing = (neg[:, 0] >= g) & (neg[:, 2] >= i)
+            ranked = np.sort(neg[passing, 1])[::-1]
+            m = int(ranked[budget]) + 1 if budget < len(ranked) else 0
+            m = max(m, 1) if rerank_enabled else 0
+            false = int(np.count_nonzero(passing & (neg[:, 1] >= m)))
+            if false > budget:   # only when re-ranking is off and M cannot separate: a higher G will
+                continue
+            true = int(np.count_nonzero((pos[:, 0] >= g) & (pos[:, 1] >= m) & (pos[:, 2] >= i)))
+            key = (true, -g, -m, -i)   # equal recall: relax the global floor first, then matches, then inliers
+            if best is None or key > best[0]:
+                best = (key, (g, m, i), false, true)
+    if best is None:   # unreachable: G just above every best-negative similarity always qualifies
         raise ConfigError('no thresholds meet the target precision on this map')
-    _, g, m, false, true = best
-    return g, m, false, true
+    return best[1], best[2], best[3]
 
 
 def calibrate(place_map, config: PipelineConfig, options: CalibrationOptions = CalibrationOptions(),
@@ -235,7 +247,8 @@ def calibrate(place_map, config: PipelineConfig, options: CalibrationOptions = C
         ConfigError: too few places with negatives (the message names the minimum).
     """
     scores, basis = collect_scores(place_map, config, options, progress)
-    g, m, false, true = choose_thresholds(scores, options.target_precision, config.rerank.enabled)
+    (g, m, i), false, true = choose_thresholds(scores, options.target_precision, config.rerank.enabled,
+                                               config.verify.method != 'none' and config.verify.top_k > 0)
     with_pose = basis == 'poses'
     model = place_map.model
     settings = {'search.top_k': config.search.top_k, 'rerank.enabled': config.rerank.enabled,
@@ -245,8 +258,9 @@ def calibrate(place_map, config: PipelineConfig, options: CalibrationOptions = C
                 'positive_distance_m': options.positive_distance_m if with_pose else None}
     return Calibration(
         model_fingerprint=model.fingerprint, input_size=tuple(model.input_size),
-        target_precision=options.target_precision, min_global_similarity=round(g, 6), min_local_matches=int(m),
-        rerank_enabled=config.rerank.enabled, basis=basis, queries=sum(1 for s in scores if len(s.negatives)),
+        target_precision=options.target_precision, min_global_similarity=float(g), min_local_matches=int(m),
+        min_inliers=int(i), rerank_enabled=config.rerank.enabled, basis=basis,
+        queries=sum(1 for s in scores if s.negative is not None),
         false_accepts=false, true_accepts=true if with_pose else -1,
         revisits=sum(s.best_is_revisit for s in scores) if with_pose else -1, settings=settings,
         created_utc=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))
@@ -273,7 +287,7 @@ def resolve_gate(gate: GateConfig, calibration: Calibration | None, model: Model
     if why:
         return gate, f'gate.thresholds auto: {why}; using the fixed thresholds ({fixed})', True
     tuned = dataclasses.replace(gate, min_global_similarity=max(-1.0, min(1.0, calibration.min_global_similarity)),
-                                min_local_matches=calibration.min_local_matches)
+                                min_local_matches=calibration.min_local_matches, min_inliers=calibration.min_inliers)
     return tuned, (f'gate: calibrated thresholds from the map (target precision {calibration.target_precision}, '
                    f'{calibration.queries} queries, estimated false-accept rate {calibration.false_accept_rate:.3f}): '
                    f'min_global_similarity {tuned.min_global_similarity:.4f}, min_local_matches '
