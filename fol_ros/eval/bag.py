@@ -104,7 +104,7 @@ def replay(frames: Iterable[tuple[int, np.ndarray]], poses: PoseTrack, localizer
     for stamp_ns, rgb in frames:
         position = (truth if truth is not None else poses).position_at(stamp_ns)
         exclusion = localizer.gate.exclusion(stamp_ns)
-        positives = (scorer.positives(position, exclusion.max_stamp_ns, exclusion.recent_ids)
+        positives = (scorer.positives(position, exclusion.newer_than_ns, exclusion.ids)
                      if position is not None else [])
         # The Localizer gets what the node gives it: the odometry pose nearest in time, whatever the gap
         # (the same PoseTrack lookup as the node's frame worker).
