@@ -13,8 +13,9 @@ export PYTHONUNBUFFERED := 1
 setup:
 	@bash scripts/setup.sh
 
-test:  ## fast suite (slow tests excluded)
+test:  ## lint, then the fast suite (slow tests excluded)
 	@FOL_ROS_TEST_DATA=1 bash scripts/setup.sh
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -m "not slow" -q
 
 test-all:  ## everything, soak and real-data training included
@@ -31,6 +32,9 @@ bench: setup
 	$(PY) bench/bench_rerank.py
 	$(PY) bench/bench_encode.py
 	$(PY) bench/bench_node.py
+
+lint: setup  ## ruff (pyflakes + pycodestyle, line length 120; ruff.toml)
+	$(VENV)/bin/ruff check .
 
 clean:
 	rm -rf build .pytest_cache

@@ -100,8 +100,8 @@ def main() -> int:
             shutil.rmtree(path)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    print(f'\n| places | index | rebuild s | load saved s | saved at configure s | map load (sha256) s | '
-          f'index MB |\n|---|---|---|---|---|---|---|')
+    print('\n| places | index | rebuild s | load saved s | saved at configure s | map load (sha256) s | '
+          'index MB |\n|---|---|---|---|---|---|---|')
     for r in rows:
         load_note = ' (read_index; not used)' if r['index'] == 'flat' else ''
         print(f"| {r['places']:,} | {r['index']} | {r['build_s']:.2f} | {r['load_s']:.2f}{load_note} | "

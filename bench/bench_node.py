@@ -38,7 +38,6 @@ STAGES = ('preprocess_ms', 'encode_ms', 'search_ms', 'rerank_ms', 'verify_ms', '
 
 def _config(size: int, engine: str):
     """The PipelineConfig the node builds from config/fol_ros.yaml, via the node's own parameter code."""
-    import rclpy
     import yaml
     from rclpy.node import Node
     from rclpy.parameter import Parameter

@@ -32,7 +32,8 @@ from fol_ros import mutual_nn  # noqa: E402
 from fol_ros.rerank import mutual_nn_counts  # noqa: E402
 
 OFFICIAL_PAD = 3600
-CORRIDOR = Path(os.environ.get('FOL_ROS_SHARED_DATA', Path(__file__).resolve().parents[2] / 'shared' / 'data')) / 'corridor'
+SHARED_DATA = Path(os.environ.get('FOL_ROS_SHARED_DATA', Path(__file__).resolve().parents[2] / 'shared' / 'data'))
+CORRIDOR = SHARED_DATA / 'corridor'
 
 
 def corridor_tokens(count: int) -> list[np.ndarray]:

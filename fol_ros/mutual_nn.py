@@ -22,7 +22,6 @@ Layout and why:
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -30,7 +29,8 @@ import numpy as np
 import torch
 
 ALIGN = 64            # row/column padding of the GEMM operands
-TILE_ROWS_MAX = 1024  # rows per similarity tile (14 MB at Lq 3.4k): as fast as 256 when quiet, fewer OpenMP barriers when loaded
+# rows per similarity tile (14 MB at Lq 3.4k): as fast as 256 when quiet, fewer OpenMP barriers when loaded
+TILE_ROWS_MAX = 1024
 
 
 @dataclass(frozen=True)

@@ -71,7 +71,8 @@ def test_node_params_file_applies_stage_settings(tmp_path):
     assert cfg.gate.min_local_matches == 12 and cfg.rerank.similarity_threshold == 1.0
     assert cfg.model == PipelineConfig().model
     params.write_text('fol_ros:\n  ros__parameters:\n    gate.min_local_matchez: 12\n')
-    with pytest.raises(ConfigError, match=r'unknown parameter.*gate.min_local_matchez .did you mean gate.min_local_matches'):
+    with pytest.raises(ConfigError, match=r'unknown parameter.*gate.min_local_matchez .did you mean '
+                                          r'gate.min_local_matches'):
         apply_node_params(PipelineConfig(), params)
 
 

@@ -1,6 +1,5 @@
 """The package itself: generated interfaces, package.xml, CMake install rules, DDS between real processes."""
 import ast
-import pathlib
 import re
 import subprocess
 import sys

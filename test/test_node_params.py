@@ -200,7 +200,8 @@ def test_launch_file_static(repo_root, monkeypatch):
     entities = description.args[0]
     declared = {e.args[0]: e.kwargs['default_value'] for e in entities if type(e).__name__ == 'DeclareLaunchArgument'}
     assert set(declared) == {'image_topic', 'compressed', 'map_path', 'mode', 'checkpoint', 'engine', 'params_file',
-                             'use_sim_time', 'namespace', 'autostart', 'odom_topic', 'strict_arguments', 'qos_reliability'}
+                             'use_sim_time', 'namespace', 'autostart', 'odom_topic', 'strict_arguments',
+                             'qos_reliability'}
     share = declared['params_file'].args[0]
     assert share[1:] == ['config', 'fol_ros.yaml'] and share[0].args == ('fol_ros',)
     setup = next(e for e in entities if type(e).__name__ == 'OpaqueFunction').kwargs['function']

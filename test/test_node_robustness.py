@@ -12,8 +12,6 @@ from std_srvs.srv import Trigger
 
 from conftest import ros_env
 from fixtures.node_harness import Client, NodeProcess, build_map, rclpy_context, read_rgb
-from fol_ros.msg import PlaceRecognition
-from fol_ros.srv import QueryImage
 
 pytestmark = pytest.mark.ros
 S = 10**9

@@ -6,7 +6,6 @@ accepted closure is true and the ground truth of frame i is place i; what is tes
 and LoopClosure messages into GTSAM, the Path out, and the ATE drop measured with evo."""
 import threading
 
-import numpy as np
 import pytest
 from nav_msgs.msg import Odometry, Path
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy

@@ -163,7 +163,8 @@ def test_padding_never_wins_a_row_or_column_whose_real_similarities_are_all_nega
 
 
 def _official_counts(q, cands, pad=3600, thr=0.7):
-    """fol-method §9.2 verbatim in torch fp32: zero-padded K x pad x pad matrix, both argmaxes, elementwise threshold."""
+    """fol-method §9.2 verbatim in torch fp32: zero-padded K x pad x pad matrix, both argmaxes, elementwise
+    threshold."""
     import torch
     fm1 = torch.zeros((pad, q.shape[1]))
     fm1[:len(q)] = torch.from_numpy(q.astype(np.float32))

@@ -74,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
         from fol_ros.eval.datasets import load_dataset
         from fol_ros.eval.protocol import DatasetEvalOptions, evaluate_dataset, report_pairs
         ds = load_dataset(args.dataset, queries=args.queries, radius_m=args.radius)
-        opts = DatasetEvalOptions(rerank_k=100 if args.rerank_k is None else args.rerank_k, recall_values=tuple(args.recall_values),
+        opts = DatasetEvalOptions(rerank_k=100 if args.rerank_k is None else args.rerank_k,
+                                  recall_values=tuple(args.recall_values),
                                   batch_size=args.batch_size, memory_budget_mb=args.rerank_budget_mb,
                                   rerank_device=resolve_device(config.engine.device), work_dir=args.work_dir)
         result = evaluate_dataset(ds, encoder, opts)

@@ -41,7 +41,8 @@ def register(subparsers) -> None:
         help="fetch FoL_base.pth / FoL_large.pth (the paper's weights) once, verify them, print the path",
         description='Download a released FoL checkpoint from the Hugging Face Hub (shunpeng/FoL) with huggingface_hub: '
                     'its cache (HF_HOME / HF_HUB_CACHE), a progress bar, resumption of a cut connection, HF_ENDPOINT '
-                    '(mirror), HF_HUB_OFFLINE and HF_TOKEN. The file is then verified (sha256 against the hub\'s, strict '
+                    '(mirror), HF_HUB_OFFLINE and HF_TOKEN. The file is then verified (sha256 against the hub\'s, '
+                    'strict '
                     'weights_only load of every key and shape, finite values, the expected backbone) and recorded in '
                     '$FOL_ROS_CACHE/checkpoints/manifest.json, so that model.checkpoint:=fol:base (or fol:large) '
                     'resolves without network. A file that fails is removed from the cache. Prints the path last.')

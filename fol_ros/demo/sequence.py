@@ -104,7 +104,8 @@ def drifting_odometry(truth: list[Pose], drift: OdometryDrift = OdometryDrift())
         fwd, side = fwd * scale, side * scale
         x += math.cos(yaw) * fwd - math.sin(yaw) * side
         y += math.sin(yaw) * fwd + math.cos(yaw) * side
-        yaw += math.remainder(_yaw(cur) - yaw_prev, math.tau) + drift.heading_bias_rad_per_m * step + rng.normal(0.0, drift.noise_rad)
+        yaw += (math.remainder(_yaw(cur) - yaw_prev, math.tau) + drift.heading_bias_rad_per_m * step
+                + rng.normal(0.0, drift.noise_rad))
         out.append(Pose((x, y, cur.position[2]), (0.0, 0.0, math.sin(yaw / 2), math.cos(yaw / 2)), 'odom'))
     return out
 

@@ -124,10 +124,11 @@ def plot_trajectories(trajectory: dict) -> str:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 4))
+    odom_label = f'odometry: ATE {trajectory["ate_odometry_m"]:.2f} m'
+    closed_label = f'odometry + FoL loop closures: ATE {trajectory["ate_loop_closed_m"]:.2f} m'
     for key, label, style in (('ground_truth', 'ground truth', dict(color='k', lw=2.5, alpha=0.5)),
-                              ('odometry', f'odometry: ATE {trajectory["ate_odometry_m"]:.2f} m', dict(color='tab:red')),
-                              ('loop_closed', f'odometry + FoL loop closures: ATE {trajectory["ate_loop_closed_m"]:.2f} m',
-                               dict(color='tab:green', marker='.', ms=3))):
+                              ('odometry', odom_label, dict(color='tab:red')),
+                              ('loop_closed', closed_label, dict(color='tab:green', marker='.', ms=3))):
         xyz = np.asarray(trajectory.get(key, {}).get('xyz', []), np.float64).reshape(-1, 3)
         if len(xyz):
             ax.plot(xyz[:, 0], xyz[:, 1], label=label, **style)

@@ -72,4 +72,5 @@ def trajectory_errors(ground_truth: Trajectory, odometry: Trajectory, loop_close
     return {'ate_odometry_m': ate_odom, 'ate_loop_closed_m': ate_closed,
             'drift_removed': (1.0 - ate_closed / ate_odom) if ate_odom > 0 else 0.0,
             'metric': 'evo APE, translation part, RMSE (m)', 'alignment': 'none (map frame)',
-            'ground_truth': ground_truth.to_json(), 'odometry': odometry.to_json(), 'loop_closed': loop_closed.to_json()}
+            'ground_truth': ground_truth.to_json(), 'odometry': odometry.to_json(),
+            'loop_closed': loop_closed.to_json()}

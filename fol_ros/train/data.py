@@ -76,7 +76,8 @@ def gsv_cities_places(root: str | Path, cities: Sequence[str] = (), min_images: 
     for ci, city in enumerate(names):
         path = frames / f'{city}.csv'
         if not path.is_file():
-            raise ConfigError(f'GSV-Cities: no {path}; available: {", ".join(sorted(p.stem for p in frames.glob("*.csv")))}')
+            available = ', '.join(sorted(p.stem for p in frames.glob('*.csv')))
+            raise ConfigError(f'GSV-Cities: no {path}; available: {available}')
         groups: dict[int, list[dict]] = {}
         with open(path, newline='') as fh:
             for row in csv.DictReader(fh):

@@ -163,7 +163,8 @@ def patch_to_local(index: int, grid: int, local_grid: int) -> int:
 def _neighbourhood_mean(local_all: torch.Tensor, row: int, col: int) -> torch.Tensor:
     """Mean of the 3×3 neighbourhood (clipped at the border) of local_all [H', W', D], not re-normalised."""
     h, w = local_all.shape[:2]
-    return local_all[max(row - 1, 0):min(row + 2, h), max(col - 1, 0):min(col + 2, w)].reshape(-1, local_all.shape[-1]).mean(0)
+    window = local_all[max(row - 1, 0):min(row + 2, h), max(col - 1, 0):min(col + 2, w)]
+    return window.reshape(-1, local_all.shape[-1]).mean(0)
 
 
 def pseudo_correspondence_loss(f_norm: torch.Tensor, p: torch.Tensor, mask_guide: torch.Tensor,
