@@ -17,6 +17,7 @@ BACKBONES = ('vits14', 'vitb14', 'vitl14')
 ENGINES = ('auto', 'torch', 'onnxruntime', 'tensorrt')
 PRECISIONS = ('fp32', 'fp16', 'bf16')
 INDEX_TYPES = ('flat', 'ivf', 'hnsw')
+SEARCH_BACKENDS = ('faiss', 'milvus')
 VERIFY_METHODS = ('none', 'fundamental', 'homography', 'essential')
 GATE_THRESHOLDS = ('auto', 'fixed')
 MODES = ('localization', 'mapping')
@@ -166,6 +167,15 @@ class SearchConfig:
     ivf_nprobe: int = setting(32, 'ivf: lists visited per query (recall vs speed)', low=1)
     hnsw_m: int = setting(32, 'hnsw: graph degree', low=2)
     hnsw_ef_search: int = setting(128, 'hnsw: search beam width', low=1)
+    backend: str = setting('faiss', 'faiss: the map in this process; milvus: a fleet map shared with other robots '
+                           'in a Milvus collection (docs/fleet.md)', choices=SEARCH_BACKENDS, launch='search_backend')
+    milvus_uri: str = setting('', "milvus: http://HOST:19530 (a Milvus server or cluster), or a local *.db path "
+                              '(embedded milvus-lite, one process only)')
+    collection: str = setting('fol_places', 'milvus: collection holding the fleet map (one per model)')
+    robot_id: int = setting(0, 'milvus: this robot in the fleet map; every robot needs its own (place keys are '
+                            'robot_id * 2^40 + place id)', low=0, high=(1 << 23) - 1)
+    connect_timeout_s: float = setting(5.0, 'milvus: configure fails when the database does not answer within '
+                                       'this time', unit='s', low=0.1)
 
     def __post_init__(self) -> None:
         _validated(self)

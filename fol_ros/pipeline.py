@@ -298,7 +298,6 @@ class Localizer:
     """
 
     def __init__(self, config: PipelineConfig, encoder=None, place_map=None, *, mapping: bool = False) -> None:
-        from fol_ros.search.index import GlobalIndex
         from fol_ros.search.place_map import PlaceMap
         if encoder is None:
             from fol_ros.encode.base import create_encoder
@@ -314,9 +313,10 @@ class Localizer:
         self.place_map = place_map
         self.config = self._with_gate_thresholds(config)
         self.gate = LoopClosureGate(self.config.gate)
-        self._index = GlobalIndex(config.search)
-        if place_map is not None and len(place_map):   # loads the IVF/HNSW index map build saved, if it fits
-            self._index = GlobalIndex.for_map(place_map, config.search, write=False)
+        # search.backend: faiss over this map (loads the IVF/HNSW index map build saved, if it fits), or the fleet
+        # map in a shared database, whose view of the places replaces place_map (search/backends)
+        from fol_ros.search.backends import open_backend
+        self._index, self.place_map = open_backend(config.search, encoder.info, place_map)
         self.keyframes = KeyframeSelector(config.keyframe)
 
     def _with_gate_thresholds(self, config: PipelineConfig) -> PipelineConfig:
