@@ -43,6 +43,8 @@ fi
 "$VENV/bin/python" -c 'import gtsam, evo.core.metrics' || fail "gtsam / evo import (pip install gtsam evo, requirements.txt)"
 # `fol-ros weights download base|large` (the paper's checkpoints) needs huggingface_hub
 "$VENV/bin/python" -c 'import huggingface_hub' || fail "huggingface_hub import (pip install huggingface_hub, requirements.txt)"
+# search.backend milvus (fleet map) and its tests need the Milvus client and the embedded engine
+"$VENV/bin/python" -c 'import pymilvus, milvus_lite' || fail "pymilvus / milvus-lite import (pip install pymilvus milvus-lite, requirements.txt)"
 
 h=$(hash_of CMakeLists.txt package.xml msg/*.msg srv/*.srv requirements-ros.txt)
 if ! done_already interfaces "$h"; then
