@@ -18,7 +18,7 @@ MODEL = ModelInfo('vits14', (294, 294), 'ab' * 32, 'synthetic')
 
 def _scores(negatives, bests=None):
     """QueryScores from best-negative (g, m, i) rows and, optionally, best revisit rows."""
-    out = [cal.QueryScores(tuple(map(float, n)), None, False) for n in negatives]
+    out = [cal.QueryScores(tuple(map(float, n)), None) for n in negatives]
     for b in bests or []:
         out.append(cal.QueryScores(None, tuple(map(float, b)), True))
     return out
@@ -108,7 +108,7 @@ def test_calibrated_gate_accepts_no_negative_of_its_map():
     for s in scores:
         g, m, i = s.negative
         assert not (g >= gate.min_global_similarity and m >= gate.min_local_matches and i >= gate.min_inliers)
-    assert c.true_accepts >= 0.8 * c.revisits > 0
+    assert c.positives == 60 and c.positives_accepted >= 0.8 * c.positives
 
 
 def test_calibration_is_stored_checksummed_and_tied_to_the_model(tmp_path):
@@ -136,7 +136,7 @@ def test_calibration_is_stored_checksummed_and_tied_to_the_model(tmp_path):
 
 
 def test_auto_refuses_a_calibration_for_another_model():
-    c = cal.Calibration(MODEL.fingerprint, (294, 294), 0.99, 0.3, 42, 0, True, 'poses', 60, 0, 50, 55, {})
+    c = cal.Calibration(MODEL.fingerprint, (294, 294), 0.99, 0.3, 42, 0, True, 'poses', 60, 0, 55, 50, 0, {})
     other = dataclasses.replace(MODEL, checkpoint_sha256='cd' * 32)
     gate, note, fallback = cal.resolve_gate(GateConfig(), c, other, True)
     assert fallback and gate == GateConfig() and 'calibrated for model' in note
@@ -153,7 +153,8 @@ def test_auto_refuses_a_calibration_for_another_model():
 def test_localizer_runs_the_calibrated_gate():
     from fol_ros.pipeline import Localizer
     pmap = _route_map(n=30)
-    pmap.calibration = cal.Calibration(MODEL.fingerprint, (294, 294), 0.99, 0.25, 17, 0, True, 'poses', 30, 0, 1, 1, {})
+    pmap.calibration = cal.Calibration(MODEL.fingerprint, (294, 294), 0.99, 0.25, 17, 0, True, 'poses', 30, 0, 1, 1,
+                                       0, {})
     loc = Localizer(CONFIG, cal._StoredEncodings(MODEL), pmap)
     assert (loc.gate.config.min_global_similarity, loc.gate.config.min_local_matches) == (0.25, 17)
     assert not loc.gate_fallback and loc.config.gate.min_local_matches == 17

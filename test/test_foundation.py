@@ -18,13 +18,16 @@ ROSDEP_KEYS = {
     'cv_bridge': 'cv_bridge', 'launch': 'launch', 'launch_ros': 'launch_ros', 'tf2_ros': 'tf2_ros',
     'numpy': 'python3-numpy', 'cv2': 'python3-opencv', 'yaml': 'python3-yaml', 'tqdm': 'python3-tqdm',
     'matplotlib': 'python3-matplotlib', 'scipy': 'python3-scipy', 'sklearn': 'python3-sklearn',
-    'torch': 'python3-torch', 'faiss': 'python3-faiss-pip', 'rosbags': 'python3-rosbags-pip',
-    'onnx': 'python3-onnx-pip', 'onnxruntime': 'python3-onnxruntime-pip', 'rcl_interfaces': 'rcl_interfaces',
-    'skimage': 'python3-skimage', 'PIL': 'python3-pil',
-    'pytorch_metric_learning': 'python3-pytorch-metric-learning-pip',
+    'torch': 'python3-torch', 'faiss': 'python3-faiss', 'rosbags': 'python3-rosbags-pip',
+    'onnxruntime': 'python3-onnxruntime-pip', 'rcl_interfaces': 'rcl_interfaces',
+    'skimage': 'python3-skimage', 'PIL': 'python3-pil', 'ament_index_python': 'ament_index_python',
 }
-# Imported only inside a guarded try (GPU machines with TensorRT installed by the user); not a package dependency.
-OPTIONAL_IMPORTS = {'tensorrt'}
+# import name -> PyPI distribution: no rosdep key exists, so the README's robot pip line must install them
+PIP_ONLY = {'onnx': 'onnx', 'pytorch_metric_learning': 'pytorch-metric-learning', 'gtsam': 'gtsam', 'evo': 'evo',
+            'huggingface_hub': 'huggingface_hub'}
+# Imported only inside a guarded try: TensorRT (GPU machines, installed by the user); httpx/httpx2 (whichever
+# huggingface_hub itself depends on). Not package dependencies of their own.
+OPTIONAL_IMPORTS = {'tensorrt', 'httpx', 'httpx2'}
 STDLIB = set(sys.stdlib_module_names)
 
 
@@ -78,9 +81,12 @@ def test_package_xml_declares_what_the_code_imports():
     assert pkg.get_build_type() == 'ament_cmake'
     declared = {d.name for d in pkg.build_depends + pkg.exec_depends + pkg.buildtool_depends + pkg.test_depends}
     imported = _imported_top_modules(_product_sources()) - STDLIB - OPTIONAL_IMPORTS - {'fol_ros', 'setuptools'}
-    unknown = imported - set(ROSDEP_KEYS)
+    unknown = imported - set(ROSDEP_KEYS) - set(PIP_ONLY)
     assert not unknown, f'imports without a known rosdep key (add them to ROSDEP_KEYS and package.xml): {unknown}'
-    missing = {ROSDEP_KEYS[m] for m in imported} - declared
+    pip_line = next(line for line in (REPO / 'README.md').read_text().splitlines() if 'pip install rosbags' in line)
+    for module in imported & set(PIP_ONLY):
+        assert f' {PIP_ONLY[module]}==' in pip_line, f'README robot pip line does not install {PIP_ONLY[module]}'
+    missing = {ROSDEP_KEYS[m] for m in imported if m in ROSDEP_KEYS} - declared
     assert not missing, f'package.xml does not declare: {sorted(missing)}'
 
 
@@ -91,7 +97,7 @@ def test_cmake_generates_every_interface_and_installs_the_product():
     code = '\n'.join(line.split('#')[0] for line in cmake.splitlines())
     assert 'ament_python_install_package(fol_ros' not in code   # clashes with rosidl's own (rosidl_python#141)
     assert re.search(r'install\(DIRECTORY launch config DESTINATION share/\$\{PROJECT_NAME\}', cmake)
-    for program in re.findall(r'scripts/(\w+)', cmake):
+    for program in re.findall(r'scripts/([\w-]+)', cmake):
         script = REPO / 'scripts' / program
         assert script.is_file() and script.stat().st_mode & 0o111, f'{script} must exist and be executable'
 

@@ -37,6 +37,7 @@ def register(subparsers) -> None:
     b.add_argument('--force', action='store_true', help='replace an existing map at --out (atomically)')
     b.add_argument('--batch-size', type=int, default=8, help='images per encoder call')
     b.add_argument('--no-progress', action='store_true', help='no progress bar')
+    _token_options(b, 'fp16')
     b.add_argument('--no-calibrate', action='store_true',
                    help='skip the gate calibration that follows the build when the map has poses or time stamps')
     _calibration_options(b)
@@ -55,6 +56,7 @@ def register(subparsers) -> None:
     i.set_defaults(func=run_info)
     c = sub.add_parser('compact', help='fold append.log into the base files (atomic)', formatter_class=fmt)
     c.add_argument('map', metavar='MAP')
+    _token_options(c, None)
     c.set_defaults(func=run_compact)
 
 
@@ -63,6 +65,23 @@ FoL re-ranking, verification; temporal neighbours excluded as the node does), ta
 --negative-distance (poses) or outside the time window (no poses) as negatives, and choose the gate thresholds whose
 estimated false-accept rate per query is at most 1 - --target-precision. The result is stored in the map
 (calibration.json, checksummed) and used by the node with gate.thresholds: auto."""
+
+
+def _token_options(parser, default) -> None:
+    parser.add_argument('--tokens', choices=('fp16', 'int8', 'pq'), default=default,
+                        help='how local tokens are stored: fp16 (exact as encoded in half precision, ~0.94 MB per '
+                             'place), int8 with a per-token scale (~0.5 MB), pq = product quantisation with an OPQ '
+                             'rotation trained on the map\'s tokens (~0.18 MB at --pq-m 32); see docs/maps.md'
+                        + ('' if default else '; default: keep the map\'s encoding'))
+    parser.add_argument('--pq-m', type=int, default=32,
+                        help='with --tokens pq: bytes per token (sub-quantisers; must divide the token dimension)')
+
+
+def _tokens(args: argparse.Namespace):
+    from fol_ros.search.tokens import TokenOptions
+    if args.tokens is None:
+        return None
+    return TokenOptions(args.tokens, pq_m=args.pq_m)
 
 
 def _calibration_options(parser) -> None:
@@ -87,7 +106,9 @@ def calibrate_map(path: str | Path, config, args: argparse.Namespace, quiet: boo
     calibration = calibrate(pmap, config, options)
     write_calibration(Path(path), calibration)
     c = calibration
-    recall = f', {c.true_accepts} of {c.revisits} revisits accepted' if c.revisits >= 0 else ''
+    kind = 'revisits' if c.true_revisits == c.positives else f'positives ({c.true_revisits} revisits, the rest ' \
+        'adjacent views)'
+    recall = f', {c.positives_accepted} of {c.positives} {kind} accepted'
     print(f'{path}: gate calibrated on {c.queries} queries ({c.basis}) for precision {c.target_precision}: '
           f'min_global_similarity {c.min_global_similarity:.4f}, min_local_matches {c.min_local_matches} '
           f'(estimated false-accept rate {c.false_accept_rate:.3f}{recall})')
@@ -123,7 +144,7 @@ def run_build(args: argparse.Namespace) -> int:
     encoder = create_encoder(config.model, dataclasses.replace(config.engine, max_batch=max(1, args.batch_size)))
     log.info('encoder %s, model %s', encoder.name, encoder.info.fingerprint)
     report = build_map(source, encoder, args.out, config.keyframe, args.batch_size, overwrite=args.force,
-                       progress=not args.no_progress, tool='fol-ros ' + ' '.join(sys.argv[1:]))
+                       progress=not args.no_progress, tool='fol-ros ' + ' '.join(sys.argv[1:]), tokens=_tokens(args))
     if config.search.index_type != 'flat':
         from fol_ros.search.index import GlobalIndex
         from fol_ros.search.place_map import PlaceMap
@@ -152,6 +173,7 @@ def map_summary(path: str | Path, verify: str = 'full') -> dict:
         'path': str(path), 'format_version': meta['format_version'], 'model': meta['model'],
         'global': f"{meta['global_dim']} x {meta['global_dtype']}",
         'local': f"L x {meta['local_dim']} {meta['local_dtype']}",
+        'tokens': meta.get('local_codec', {'kind': 'fp16'}),
         'created': meta['created'], 'places': len(pmap), 'places_in_base': meta['count'],
         'places_with_pose': sum(p.pose is not None for p in places),
         'pose_frames': sorted({p.pose.frame_id for p in places if p.pose is not None}),
@@ -178,8 +200,9 @@ def run_info(args: argparse.Namespace) -> int:
 def run_compact(args: argparse.Namespace) -> int:
     from fol_ros.search.place_map import PlaceMap
     pmap = PlaceMap.open_append(args.map)
-    before = pmap.pending_log_bytes
-    pmap.compact()
+    before, was = pmap.pending_log_bytes, pmap.token_encoding
+    pmap.compact(tokens=_tokens(args))
     pmap.close()
-    print(f'{args.map}: {len(pmap)} places; folded {before} bytes of append log')
+    change = '' if pmap.token_encoding == was else f'; tokens {was} -> {pmap.token_encoding}'
+    print(f'{args.map}: {len(pmap)} places; folded {before} bytes of append log{change}')
     return 0

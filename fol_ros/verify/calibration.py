@@ -9,9 +9,11 @@ second time with every place within `negative_distance_m` of it also excluded (p
 window alone separates): the best candidate of that ranking, verified like any best candidate, is the query's *best
 negative*. Thresholds (G, M, I) on global similarity, local matches and inliers false-accept a query when its best
 negative passes all three. The calibration keeps, among the thresholds whose estimated false-accept rate per query is
-at most 1 - target_precision, those that accept the most queries whose ordinary best candidate is a true revisit
-(within `positive_distance_m`; without poses: the lowest thresholds, global similarity relaxed first). Temporal
-consistency in the gate lowers the rate further; it is not counted, so the estimate is conservative.
+at most 1 - target_precision, those that accept the most *positives*: the query's ordinary best candidate when it is
+a true revisit (within `positive_distance_m`, outside the temporal window: the map has a loop), else its best
+adjacent view (a place within `positive_distance_m`, or the next/previous place without poses) — a single traversal
+has no revisits, and adjacent views are the closest stand-in for "the same place seen again" it holds. Temporal
+consistency in the gate lowers the false-accept rate further; it is not counted, so the estimate is conservative.
 
 The result is stored in the map (calibration.json, listed with its sha256 in metadata.json) and tied to the model
 fingerprint and input size; `resolve_gate` decides at configure which thresholds the node runs.
@@ -69,8 +71,9 @@ class Calibration:
     basis: str                    # 'poses' or 'time' (how negatives were told apart)
     queries: int                  # queries that had at least one negative candidate
     false_accepts: int            # of those, queries that would false-accept at the chosen thresholds
-    true_accepts: int             # queries whose best candidate is a true revisit and passes (-1 without poses)
-    revisits: int                 # queries whose best candidate is a true revisit (-1 without poses)
+    positives: int                # queries with a positive (a true revisit or an adjacent view)
+    positives_accepted: int       # of those, positives that pass the thresholds (the recall objective)
+    true_revisits: int            # positives that are true revisits (the map has loops); the rest are adjacent views
     settings: dict                # the pipeline settings the scores were measured with
     created_utc: str = ''
     version: int = CALIBRATION_VERSION
@@ -94,7 +97,8 @@ class Calibration:
                            'run `fol-ros map calibrate` again')
         types = {'model_fingerprint': str, 'target_precision': float, 'min_global_similarity': float,
                  'min_local_matches': int, 'min_inliers': int, 'rerank_enabled': bool, 'basis': str, 'queries': int,
-                 'false_accepts': int, 'true_accepts': int, 'revisits': int, 'settings': dict, 'created_utc': str}
+                 'false_accepts': int, 'positives': int, 'positives_accepted': int, 'true_revisits': int,
+                 'settings': dict, 'created_utc': str}
         kwargs = {}
         for name, kind in types.items():
             value = data.get(name)
@@ -118,8 +122,8 @@ class QueryScores:
     """What one calibration query saw: its best negative, and its ordinary best candidate with its label."""
 
     negative: Scores | None        # best candidate once the query's surroundings are excluded (None: nothing left)
-    best: Scores | None            # best candidate with only the temporal neighbours excluded
-    best_is_revisit: bool          # `best` lies within positive_distance_m (always False without poses)
+    positive: Scores | None        # a true revisit's scores, else the best adjacent view's (None: neither)
+    revisit: bool = False          # `positive` is a true revisit (the ordinary best candidate, a loop in the map)
 
 
 def _scores(candidate) -> Scores:
@@ -171,22 +175,29 @@ def collect_scores(place_map, config: PipelineConfig, options: CalibrationOption
     picks = range(len(places))
     if options.max_queries and len(places) > options.max_queries:
         picks = np.unique(np.linspace(0, len(places) - 1, options.max_queries).round().astype(int)).tolist()
+    all_ids = np.array([p.place_id for p in places], np.int64)
     out = []
     for i in picks:
         query = places[i]
         encoding = stored_encoding(place_map, query.place_id)
         temporal = temporal_neighbours(places, i, config.gate, use_stamps)
-        ordinary = localizer.rank(encoding, ExclusionFilter(ids=tuple(sorted(temporal))))
-        best = _scores(ordinary[0]) if ordinary else None
         if with_pose:
             dist = np.linalg.norm(positions - positions[i], axis=1)
-            near = frozenset(p.place_id for p, d in zip(places, dist) if d <= options.negative_distance_m)
+            near = frozenset(all_ids[dist <= options.negative_distance_m].tolist())
+            adjacent = set(all_ids[(dist <= options.positive_distance_m) & (all_ids != query.place_id)].tolist())
             negatives = localizer.rank(encoding, ExclusionFilter(ids=tuple(sorted(temporal | near))))
+            ordinary = localizer.rank(encoding, ExclusionFilter(ids=tuple(sorted(temporal))))
             revisit = bool(ordinary) and float(np.linalg.norm(
                 np.asarray(ordinary[0].pose.position) - positions[i])) <= options.positive_distance_m
         else:   # everything outside the temporal window counts as a negative: conservative
-            negatives, revisit = ordinary, False
-        out.append(QueryScores(_scores(negatives[0]) if negatives else None, best, revisit))
+            adjacent = {places[j].place_id for j in (i - 1, i + 1) if 0 <= j < len(places)}
+            negatives = localizer.rank(encoding, ExclusionFilter(ids=tuple(sorted(temporal))))
+            ordinary, revisit = negatives, False
+        positive = _scores(ordinary[0]) if revisit else None
+        if positive is None and adjacent:   # only the adjacent views left to rank: the best of them
+            view = localizer.rank(encoding, ExclusionFilter(ids=tuple(sorted(set(all_ids.tolist()) - adjacent))))
+            positive = _scores(view[0]) if view else None
+        out.append(QueryScores(_scores(negatives[0]) if negatives else None, positive, revisit))
         if progress is not None:
             progress(len(out), len(picks))
     return out, basis
@@ -215,7 +226,7 @@ def choose_thresholds(scores: list[QueryScores], target_precision: float, rerank
                           'lower --negative-distance, or run the node with gate.thresholds: fixed')
     budget = int(math.floor((1.0 - target_precision) * len(usable) + 1e-9))
     neg = np.array([s.negative for s in usable], float)
-    pos = np.array([s.best for s in scores if s.best_is_revisit], float).reshape(-1, 3)
+    pos = np.array([s.positive for s in scores if s.positive is not None], float).reshape(-1, 3)
     g_grid = _grid(neg[:, 0], -1.0, 128)
     # I: off, or one more than an observed best-negative inlier count (integers: strictly above it)
     i_grid = [0] + [int(v) + 1 for v in np.unique(np.quantile(neg[:, 2], np.linspace(0, 1, 24), method='higher'))] \
@@ -261,8 +272,8 @@ def calibrate(place_map, config: PipelineConfig, options: CalibrationOptions = C
         target_precision=options.target_precision, min_global_similarity=float(g), min_local_matches=int(m),
         min_inliers=int(i), rerank_enabled=config.rerank.enabled, basis=basis,
         queries=sum(1 for s in scores if s.negative is not None),
-        false_accepts=false, true_accepts=true if with_pose else -1,
-        revisits=sum(s.best_is_revisit for s in scores) if with_pose else -1, settings=settings,
+        false_accepts=false, positives=sum(s.positive is not None for s in scores), positives_accepted=true,
+        true_revisits=sum(s.revisit for s in scores), settings=settings,
         created_utc=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))
 
 
