@@ -225,3 +225,34 @@ def test_localizers_of_two_robots_share_places(tmp_path):
     mine = two.query(images[1], 30 * sec).candidates[0]
     assert mine.place_id == make_key(2, 0) and mine.local_matches > 0   # own tokens, re-ranked
     assert len(two.place_map) == 1 and two.map_size == 1 and len(two._index) == 2
+
+
+def test_node_configure_fails_on_unreachable_database_and_keeps_running(tmp_path):
+    """configure: FAILURE naming the address and the reason, before the model loads; the node stays up, and once
+    search.milvus_uri points at a database that answers, configure succeeds."""
+    rclpy = pytest.importorskip('rclpy')
+    from rclpy.lifecycle import TransitionCallbackReturn
+    from rclpy.parameter import Parameter
+
+    from fol_ros.ros.node import PlaceRecognitionNode
+    port = free_port()
+    rclpy.init()
+    try:
+        node = PlaceRecognitionNode('fleet_test', parameter_overrides=[
+            Parameter('autostart', value=False), Parameter('mode', value='mapping'),
+            Parameter('map_path', value=str(tmp_path / 'map')), Parameter('search.backend', value='milvus'),
+            Parameter('search.milvus_uri', value=f'http://127.0.0.1:{port}'),
+            Parameter('search.connect_timeout_s', value=2.0)])
+        t0 = time.monotonic()
+        assert node.trigger_configure() == TransitionCallbackReturn.FAILURE
+        assert time.monotonic() - t0 < 10      # the model was not loaded first
+        problem = node.stats.last_problem
+        assert f'127.0.0.1:{port}' in problem and 'refused' in problem.lower(), problem
+        assert node.localizer is None
+        assert node.set_parameters([Parameter('search.milvus_uri', value=str(tmp_path / 'fleet.db'))])[0].successful
+        assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+        assert node.localizer.map_size == 0 and node.localizer._index.kind == 'milvus'
+        node.trigger_cleanup()
+        node.destroy_node()
+    finally:
+        rclpy.try_shutdown()

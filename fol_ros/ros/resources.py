@@ -12,7 +12,9 @@ def load_localizer(settings: NodeSettings, config, logger) -> Localizer:
     """The encoder and the map the settings ask for (raises FolError subclasses with actionable messages)."""
     from fol_ros.encode.base import create_encoder
     from fol_ros.errors import MapError
+    from fol_ros.search.backends import check_reachable
     from fol_ros.search.place_map import PlaceMap
+    check_reachable(config.search)   # search.backend milvus: an unreachable database fails before the model loads
     encoder = create_encoder(config.model, config.engine)
     place_map = None
     if settings.map_path and os.path.exists(settings.map_path):

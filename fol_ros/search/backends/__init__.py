@@ -12,6 +12,14 @@ from fol_ros.errors import ConfigError
 BACKENDS = ('faiss', 'milvus')
 
 
+def check_reachable(config: SearchConfig) -> None:
+    """Before the model is loaded (seconds): a database server that does not answer fails at once, with its
+    address and the reason (BackendError). Nothing to check for faiss or an embedded database."""
+    if config.backend == 'milvus' and '://' in config.milvus_uri:
+        from fol_ros.search.backends.milvus import probe_server
+        probe_server(config.milvus_uri, float(config.connect_timeout_s))
+
+
 def open_backend(config: SearchConfig, model, place_map):
     """(index, place map view) for search.backend; raises FolError subclasses naming the cause."""
     if config.backend == 'milvus':

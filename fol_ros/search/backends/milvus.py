@@ -66,7 +66,7 @@ def _embedded(uri: str) -> bool:
     return '://' not in uri
 
 
-def _probe(uri: str, timeout_s: float) -> None:
+def probe_server(uri: str, timeout_s: float) -> None:
     """Raise BackendError naming the address and the operating system's reason when nothing listens there
     (pymilvus itself only says 'server unavailable')."""
     parsed = urlparse(uri)
@@ -112,7 +112,7 @@ class MilvusIndex:
         self.local_map = None                   # this robot's PlaceMap (pose and source of the places it adds)
         timeout = float(config.connect_timeout_s)
         if not _embedded(self.uri):
-            _probe(self.uri, timeout)
+            probe_server(self.uri, timeout)
         try:
             self._client = MilvusClient(uri=self.uri, timeout=timeout)
             self._open_collection()
