@@ -183,6 +183,12 @@ def test_two_processes_share_one_collection(tmp_path):
                              env=env)
         assert 'FOUND [(2, 7)]' in out.stdout, out.stdout + out.stderr
         assert split_key(me.search(mine[[4]], 1)[0][0, 0]) == (3, 4)
+        server.terminate()   # the database goes away while the node runs: that frame fails, nothing hangs
+        server.wait(timeout=30)
+        t0 = time.monotonic()
+        with pytest.raises(BackendError, match=f'127.0.0.1:{port}.*search failed'):
+            me.search(mine[[4]], 1)
+        assert time.monotonic() - t0 < 30
     finally:
         server.terminate()
         server.wait(timeout=30)
