@@ -24,7 +24,7 @@ ROSDEP_KEYS = {
 }
 # import name -> PyPI distribution: no rosdep key exists, so the README's robot pip line must install them
 PIP_ONLY = {'onnx': 'onnx', 'pytorch_metric_learning': 'pytorch-metric-learning', 'gtsam': 'gtsam', 'evo': 'evo',
-            'huggingface_hub': 'huggingface_hub'}
+            'huggingface_hub': 'huggingface_hub', 'pymilvus': 'pymilvus'}
 # Imported only inside a guarded try: TensorRT (GPU machines, installed by the user); httpx/httpx2 (whichever
 # huggingface_hub itself depends on). Not package dependencies of their own.
 OPTIONAL_IMPORTS = {'tensorrt', 'httpx', 'httpx2'}
