@@ -168,7 +168,7 @@ class SearchConfig:
     hnsw_m: int = setting(32, 'hnsw: graph degree', low=2)
     hnsw_ef_search: int = setting(128, 'hnsw: search beam width', low=1)
     backend: str = setting('faiss', 'faiss: the map in this process; milvus: a fleet map shared with other robots '
-                           'in a Milvus collection (docs/fleet.md)', choices=SEARCH_BACKENDS, launch='search_backend')
+                           'in a Milvus collection (docs/fleet.md)', choices=SEARCH_BACKENDS)
     milvus_uri: str = setting('', "milvus: http://HOST:19530 (a Milvus server or cluster), or a local *.db path "
                               '(embedded milvus-lite, one process only)')
     collection: str = setting('fol_places', 'milvus: collection holding the fleet map (one per model)')
