@@ -245,8 +245,7 @@ class MilvusIndex:
         sims = np.full((len(q), k), -np.inf, np.float32)
         for row, found in enumerate(hits):
             for col, hit in enumerate(list(found)[:k]):
-                entity = hit['entity'] if 'entity' in hit else hit
-                key = int(hit.get('key', entity.get('key')) if hasattr(hit, 'get') else entity['key'])
+                key, entity = int(hit['key']), hit['entity']   # the primary key beside the output fields
                 ids[row, col], sims[row, col] = key, float(hit['distance'])
                 if int(entity['robot_id']) != self.robot_id:
                     self._meta[key] = _place_of(key, entity)
