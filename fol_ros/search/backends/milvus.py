@@ -38,6 +38,7 @@ LOG = logging.getLogger(__name__)
 ROBOT_SHIFT = 40                  # local place ids below 2^40, robot ids below 2^23 (keys stay positive int64)
 MAX_ROBOT = (1 << 23) - 1
 _STR = 256
+_META_CACHE = 10_000              # other robots' places kept from search results
 _FIELDS = ('key', 'robot_id', 'local_id', 'stamp_ns', 'has_pose', 'x', 'y', 'z', 'qx', 'qy', 'qz', 'qw',
            'pose_frame', 'frame_id', 'source')
 _PROP_FINGERPRINT = 'fol_ros.model_fingerprint'
@@ -133,9 +134,13 @@ class MilvusIndex:
         c, name = self._client, self.name
         fingerprint = self.model.fingerprint
         if not c.has_collection(name):
-            self._create(name)
-            LOG.info('fleet map: created collection %r in %s for model %s', name, describe_uri(self.uri),
-                     fingerprint)
+            try:
+                self._create(name)
+                LOG.info('fleet map: created collection %r in %s for model %s', name, describe_uri(self.uri),
+                         fingerprint)
+            except self._error:
+                if not c.has_collection(name):   # else another robot created it at the same moment: use theirs
+                    raise
         props = {str(k): str(v) for k, v in (c.describe_collection(name).get('properties') or {}).items()}
         theirs, their_dim = props.get(_PROP_FINGERPRINT), props.get(_PROP_DIM)
         if theirs is None:
@@ -248,6 +253,8 @@ class MilvusIndex:
                 key, entity = int(hit['key']), hit['entity']   # the primary key beside the output fields
                 ids[row, col], sims[row, col] = key, float(hit['distance'])
                 if int(entity['robot_id']) != self.robot_id:
+                    if len(self._meta) >= _META_CACHE:   # bounded: a miss is read back from the collection
+                        self._meta.clear()
                     self._meta[key] = _place_of(key, entity)
         return ids, sims
 
