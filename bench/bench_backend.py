@@ -73,8 +73,12 @@ def milvus(x, stamps, qs, excl_t, excl_ids, uri, out):
     out['insert_s'] = round(time.perf_counter() - t0, 1)
     c.load_collection('p')
     expr = f'stamp_ns <= {excl_t} and key not in {excl_ids}'
-    plain = lambda q: [h['key'] for h in c.search('p', [q], limit=K, anns_field='g')[0]]
-    filt = lambda q: [h['key'] for h in c.search('p', [q], limit=K, anns_field='g', filter=expr)[0]]
+    def plain(q):
+        return [h['key'] for h in c.search('p', [q], limit=K, anns_field='g')[0]]
+
+    def filt(q):
+        return [h['key'] for h in c.search('p', [q], limit=K, anns_field='g', filter=expr)[0]]
+
     one = x[:1] * 0 + qs[0]
     t0 = time.perf_counter()
     c.insert('p', [{'key': len(x) + 1, 'stamp_ns': 0, 'g': one[0]}])
@@ -99,8 +103,12 @@ def qdrant(x, stamps, qs, excl_t, excl_ids, path, out):
     out['insert_s'] = round(time.perf_counter() - t0, 1)
     flt = models.Filter(must=[models.FieldCondition(key='stamp_ns', range=models.Range(lte=excl_t))],
                         must_not=[models.HasIdCondition(has_id=excl_ids)])
-    plain = lambda q: [p.id for p in c.query_points('p', query=q.tolist(), limit=K).points]
-    filt = lambda q: [p.id for p in c.query_points('p', query=q.tolist(), limit=K, query_filter=flt).points]
+    def plain(q):
+        return [p.id for p in c.query_points('p', query=q.tolist(), limit=K).points]
+
+    def filt(q):
+        return [p.id for p in c.query_points('p', query=q.tolist(), limit=K, query_filter=flt).points]
+
     code = f'from qdrant_client import QdrantClient; QdrantClient(path={path!r})'
     r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
     out['second_process'] = 'opens' if r.returncode == 0 else (r.stderr.strip().splitlines() or ['?'])[-1][:200]

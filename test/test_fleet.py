@@ -152,8 +152,9 @@ def test_two_processes_share_one_collection(tmp_path):
                 assert server.poll() is None and time.monotonic() < deadline, 'milvus-lite server did not start'
                 time.sleep(0.2)
         me = MilvusIndex(cfg(uri, robot_id=3), MODEL, D)   # creates the collection before the writers race
-        writers = [subprocess.Popen([sys.executable, '-c', WRITER, uri, str(r), '25', str(r), str(tmp_path / f'{r}.npy')],
-                                    cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        writers = [subprocess.Popen([sys.executable, '-c', WRITER, uri, str(r), '25', str(r),
+                                     str(tmp_path / f'{r}.npy')], cwd=ROOT, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True, env=env)
                    for r in (1, 2)]
         mine = unit(np.random.default_rng(9), 5)
         me.add(mine, [make_key(3, i) for i in range(5)], [5000 + i for i in range(5)])
