@@ -51,8 +51,9 @@ def test_save_load_roundtrip(tmp_path):
     for i, enc in enumerate(encs):
         _same_tokens(back, i, enc)
     meta = json.loads((tmp_path / 'map' / 'metadata.json').read_text())
-    assert meta['format_version'] == 2 and meta['count'] == 4 and meta['model']['fingerprint'] == MODEL.fingerprint
+    assert meta['format_version'] == 3 and meta['count'] == 4 and meta['model']['fingerprint'] == MODEL.fingerprint
     assert meta['total_local_tokens'] == sum(5 + 3 * i for i in range(4)) and meta['created']['tool'] == 'test'
+    assert meta['local_codec'] == {'kind': 'fp16'} and meta['local_dtype'] == 'float16'
     assert not list(tmp_path.glob('.map.*'))               # no temporary siblings left
 
 

@@ -43,13 +43,15 @@ class BuildReport:
 
 def build_map(frames: Iterable, encoder, out: str | Path, keyframe: KeyframeConfig = KeyframeConfig(),
               batch_size: int = 8, overwrite: bool = False, progress: bool = True, tool: str = '',
-              total: int | None = None) -> BuildReport:
+              total: int | None = None, tokens=None) -> BuildReport:
     """Encode frames (fol_ros.sources.Frame), keep keyframes, and write the map to `out` atomically.
 
     Args:
         frames: iterable of Frame (image RGB uint8, stamp_ns, pose, source, frame_id).
         encoder: an Encoder (`.encode(images) -> list[Encoding]`, `.info: ModelInfo`).
         overwrite: replace an existing map at `out` (atomically, only once the new one is complete).
+        tokens: how the map stores its local tokens: 'fp16' (default), 'int8', 'pq' or a search.tokens.TokenOptions
+            (PQ is trained on the map's own tokens when the map is written).
     Raises:
         MapError: `out` exists and overwrite is False. BadInputError: no frame was usable.
     """
@@ -68,7 +70,7 @@ def build_map(frames: Iterable, encoder, out: str | Path, keyframe: KeyframeConf
             _run(frames, state, max(1, int(batch_size)), bar)
         if state.pmap is None or len(state.pmap) == 0:
             raise BadInputError('no frames were read from the source; nothing to build')
-        state.pmap.compact()
+        state.pmap.compact(tokens=tokens)
         state.pmap.close()
         (staging / LOG_NAME).unlink(missing_ok=True)
         store.set_tool(staging, tool)

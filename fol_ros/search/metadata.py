@@ -4,7 +4,9 @@ metadata.json is the root of a map's integrity (it holds the size and sha256 of 
 checked completely before anything in it is used: a regular file of at most MAX_BYTES, UTF-8 JSON, every field of
 the expected type and range, no unknown field, and (format version 2) its own sha256 over the canonical JSON of
 everything else. A damaged file therefore gives a MapError naming the field, never a KeyError or a map that loads
-with altered identity. Version 1 maps (no self-checksum) still load, with the same schema.
+with altered identity. Version 1 maps (no self-checksum) still load, with the same schema. Version 3 adds
+`local_codec`, the token encoding (fp16, int8 or pq: tokens.py), and the codec's files under `files`; versions 1
+and 2 are fp16.
 """
 from __future__ import annotations
 
@@ -20,11 +22,11 @@ import numpy as np
 
 from fol_ros.errors import MapError
 from fol_ros.records import ModelInfo
-from fol_ros.search import storage
+from fol_ros.search import storage, tokens
 
 FORMAT = 'fol_ros.place_map'
-FORMAT_VERSION = 2           # written; 2 = 1 + the metadata_sha256 self-checksum
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3           # written; 2 = 1 + the metadata_sha256 self-checksum; 3 = 2 + local_codec
+READABLE_VERSIONS = (1, 2, 3)
 NAME = 'metadata.json'
 MAX_BYTES = 1 << 20          # a real one is ~2 KB; a cap keeps a huge or endless file from being read
 BASE_FILES = ('places.csv', 'globals.npy', 'local.npy', 'local_index.npy', 'local_xy.npy', 'local_offsets.npy')
@@ -38,6 +40,9 @@ _I64 = (1 << 63) - 1
 _TOP = {'format', 'format_version', 'model', 'global_dim', 'global_dtype', 'local_dim', 'local_dtype', 'count',
         'total_local_tokens', 'next_place_id', 'created', 'files'}
 _OPTIONAL = {'calibration'}
+CODEC_FIELD = 'local_codec'   # version 3: how local.npy stores the tokens (tokens.py); versions 1, 2 are fp16
+_CODEC = {'fp16': {'kind'}, 'int8': {'kind', 'scale_dtype'},
+          'pq': {'kind', 'm', 'nbits', 'opq', 'normalize', 'train_tokens'}}
 _MODEL = {'fingerprint', 'backbone', 'input_size', 'checkpoint_sha256', 'label'}
 _CREATED = {'utc', 'host', 'tool', 'numpy'}
 
@@ -113,7 +118,7 @@ def validate(meta, where: str) -> dict:
                        f'{", ".join(map(str, READABLE_VERSIONS))}'
                        + ('; upgrade fol_ros' if newer else '; rebuild the map with `fol-ros map build`'))
     optional = _OPTIONAL | ({CHECKSUM_FIELD} if version >= 2 else set())
-    required = _TOP | ({CHECKSUM_FIELD} if version >= 2 else set())
+    required = _TOP | ({CHECKSUM_FIELD} if version >= 2 else set()) | ({CODEC_FIELD} if version >= 3 else set())
     _obj(where, meta, '', required, optional)
     if version >= 2:
         stored = _str(where, meta, CHECKSUM_FIELD, CHECKSUM_FIELD, _HEX64)
@@ -134,8 +139,9 @@ def validate(meta, where: str) -> dict:
                     'size and checkpoint_sha256 beside it')
     model['label'] = _text(_str(where, model, 'label', 'model.label'))
     _int(where, meta, 'global_dim', 'global_dim', 1, 1 << 20)
-    _int(where, meta, 'local_dim', 'local_dim', 1, 1 << 16)
-    for key, dtype in (('global_dtype', 'float32'), ('local_dtype', 'float16')):
+    local_dim = _int(where, meta, 'local_dim', 'local_dim', 1, 1 << 16)
+    codec = _codec(where, meta, local_dim) if version >= 3 else {'kind': 'fp16'}
+    for key, dtype in (('global_dtype', 'float32'), ('local_dtype', tokens.LOCAL_DTYPE[codec['kind']])):
         if meta[key] != dtype:
             raise _fail(where, key, f'is {_show(meta[key])}, expected {dtype!r}')
     _int(where, meta, 'count', 'count', 0, 1 << 40)
@@ -144,8 +150,9 @@ def validate(meta, where: str) -> dict:
     created = _obj(where, meta['created'], 'created', _CREATED)
     for key in sorted(_CREATED):
         created[key] = _text(_str(where, created, key, f'created.{key}', max_len=65536))
-    files = _obj(where, meta['files'], 'files', set(BASE_FILES))
-    for name in BASE_FILES:
+    names = base_files(meta)
+    files = _obj(where, meta['files'], 'files', set(names))
+    for name in names:
         entry = _obj(where, files[name], f'files.{name}', {'bytes', 'sha256'})
         _int(where, entry, 'bytes', f'files.{name}.bytes', 0, 1 << 50)
         _str(where, entry, 'sha256', f'files.{name}.sha256', _HEX64)
@@ -156,6 +163,42 @@ def validate(meta, where: str) -> dict:
         _int(where, entry, 'bytes', 'calibration.bytes', 0, CALIBRATION_MAX_BYTES)
         _str(where, entry, 'sha256', 'calibration.sha256', _HEX64)
     return meta
+
+
+def _codec(where: str, meta: dict, local_dim: int) -> dict:
+    """Validate the version-3 `local_codec` entry (token encoding, see tokens.py)."""
+    codec = meta[CODEC_FIELD]
+    kind = codec.get('kind') if isinstance(codec, dict) else None
+    if kind not in _CODEC:
+        raise _fail(where, f'{CODEC_FIELD}.kind', f'is {_show(kind)}, expected one of {", ".join(_CODEC)}')
+    _obj(where, codec, CODEC_FIELD, _CODEC[kind])
+    if kind == 'int8' and codec['scale_dtype'] != 'float16':
+        raise _fail(where, f'{CODEC_FIELD}.scale_dtype', f"is {_show(codec['scale_dtype'])}, expected 'float16'")
+    if kind == 'pq':
+        m = _int(where, codec, 'm', f'{CODEC_FIELD}.m', 1, local_dim)
+        if local_dim % m:
+            raise _fail(where, f'{CODEC_FIELD}.m', f'is {m}, which does not divide local_dim {local_dim}')
+        _int(where, codec, 'nbits', f'{CODEC_FIELD}.nbits', tokens.PQ_BITS, tokens.PQ_BITS)
+        for key in ('opq', 'normalize'):
+            if not isinstance(codec[key], bool):
+                raise _fail(where, f'{CODEC_FIELD}.{key}', f'is {_show(codec[key])}, expected true or false')
+        _int(where, codec, 'train_tokens', f'{CODEC_FIELD}.train_tokens', 0, 1 << 50)
+    return codec
+
+
+def codec_files(meta: dict) -> tuple[str, ...]:
+    """The token codec's own files of validated metadata (int8: scales; pq: codebook and OPQ rotation)."""
+    codec = meta.get(CODEC_FIELD, {'kind': 'fp16'})
+    if codec['kind'] == 'int8':
+        return (tokens.SCALE_FILE,)
+    if codec['kind'] == 'pq':
+        return (tokens.CODEBOOK_FILE, tokens.ROTATION_FILE) if codec['opq'] else (tokens.CODEBOOK_FILE,)
+    return ()
+
+
+def base_files(meta: dict) -> tuple[str, ...]:
+    """Every data file a map with this metadata has (listed with size and sha256 under `files`)."""
+    return BASE_FILES + codec_files(meta)
 
 
 def read(path: Path) -> dict:
@@ -190,15 +233,18 @@ def creation_info(tool: str) -> dict:
 
 
 def new(model: ModelInfo, global_dim: int, local_dim: int, count: int, total_tokens: int, next_place_id: int,
-        files: dict, tool: str) -> dict:
-    """A metadata dict of the current format version (without its checksum: `dump` adds it)."""
+        files: dict, tool: str, codec: dict | None = None) -> dict:
+    """A metadata dict of the current format version (without its checksum: `dump` adds it); `codec` is the
+    token encoding's `local_codec` entry (default fp16)."""
+    codec = dict(codec or {'kind': 'fp16'})
     return {'format': FORMAT, 'format_version': FORMAT_VERSION,
             'model': {'fingerprint': model.fingerprint, 'backbone': model.backbone,
                       'input_size': [int(v) for v in model.input_size], 'checkpoint_sha256': model.checkpoint_sha256,
                       'label': model.label},
             'global_dim': int(global_dim), 'global_dtype': 'float32', 'local_dim': int(local_dim),
-            'local_dtype': 'float16', 'count': int(count), 'total_local_tokens': int(total_tokens),
-            'next_place_id': int(next_place_id), 'created': creation_info(tool), 'files': files}
+            'local_dtype': tokens.LOCAL_DTYPE[codec['kind']], CODEC_FIELD: codec, 'count': int(count),
+            'total_local_tokens': int(total_tokens), 'next_place_id': int(next_place_id),
+            'created': creation_info(tool), 'files': files}
 
 
 def dump(meta: dict) -> bytes:

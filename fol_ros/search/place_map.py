@@ -16,6 +16,7 @@ import numpy as np
 from fol_ros.errors import MapError
 from fol_ros.records import Encoding, ModelInfo, Pose
 from fol_ros.search import metadata, store
+from fol_ros.search import tokens as tokens_module
 from fol_ros.search.places import Place
 
 LOG = logging.getLogger(__name__)
@@ -55,6 +56,8 @@ class PlaceMap:
         self._cache: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self.calibration = None          # verify.calibration.Calibration of this map, kept across saves
         self.calibration_problem = ''    # why a calibration.json on disk was not used ('' = none or fine)
+        self.codec = tokens_module.fp16_codec(self.local_dim)   # how the saved base tokens are stored (tokens.py)
+        self._side: tuple = ()                 # the codec's per-token side arrays of the base (int8 scales)
 
     # ----- construction -------------------------------------------------------------------------------
     @classmethod
@@ -84,6 +87,8 @@ class PlaceMap:
         pmap.globals_sha256 = stored.globals_sha256
         pmap.calibration, pmap.calibration_problem = stored.calibration, stored.calibration_problem
         pmap._base = stored.tokens
+        pmap.codec = stored.codec or tokens_module.fp16_codec(stored.local_dim)
+        pmap._side = stored.token_side
         pmap._globals = stored.globals
         for row, (place, start) in enumerate(zip(stored.places, stored.offsets[:-1].tolist())):
             pmap._row_ids.append(place.place_id)
@@ -172,15 +177,25 @@ class PlaceMap:
         self.place(place_id)
         return self._globals[self._row[int(place_id)]]
 
+    @property
+    def token_encoding(self) -> str:
+        """How the saved base tokens are stored: 'fp16', 'int8' or 'pq' (places added since are fp16 until saved)."""
+        return self.codec.kind
+
     def local_tokens(self, place_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(local fp16 [L, 128], local_index int32 [L], local_xy float32 [L, 2]) of one place (read-only views)."""
+        """(local [L, 128], local_index int32 [L], local_xy float32 [L, 2]) of one place.
+
+        local is fp16 (read-only view) for fp16 maps and for places added since the last save; the tokens of an
+        int8 or pq map are decoded into a new float32 array.
+        """
         n = self.place(place_id).num_tokens
         kind, off = self._where[int(place_id)]
         if kind == _MEM:
             return self._mem_tokens[off]
         if kind == _BASE:
             local, index, xy = self._base
-            return local[off:off + n], index[off:off + n], xy[off:off + n]
+            return store.decode_tokens(self.codec, (local[off:off + n], index[off:off + n], xy[off:off + n]),
+                                       tuple(a[off:off + n] for a in self._side))
         if self._log_map is None or len(self._log_map) < self._log_size:
             self._remap_log()
         return store.log_tokens(self._log_map, off, n, self.local_dim)
@@ -212,20 +227,51 @@ class PlaceMap:
             self._append(store.remove_record(ids))
         self._drop(ids)
 
-    def save(self, path: str | Path, tool: str = '') -> None:
-        """Write the whole map (log folded in) to `path` atomically: temporary sibling, fsync, rename."""
+    def save(self, path: str | Path, tool: str = '',
+             tokens: 'str | tokens_module.TokenOptions | None' = None) -> None:
+        """Write the whole map (log folded in) to `path` atomically: temporary sibling, fsync, rename.
+
+        Args:
+            tokens: how to store the local tokens: 'fp16', 'int8', 'pq' or TokenOptions; None keeps the map's
+                own encoding. A PQ map keeps its trained codebook (new places are coded with it, stored codes are
+                copied) unless other PQ options are asked for; a PQ codebook is trained on the map's tokens.
+        """
         path = Path(path).resolve()
+        codec = self._codec_for(tokens)
+        same = isinstance(codec, tokens_module.TokenCodec) and codec.same_as(self.codec) and codec.kind != 'fp16'
         store.write_map(path, model=self.model, global_dim=self.global_dim, local_dim=self.local_dim,
                         places=self.places, global_matrix=self.global_matrix(), tokens_of=self.local_tokens,
-                        next_place_id=self._next_id, calibration=self.calibration, tool=tool)
+                        next_place_id=self._next_id, calibration=self.calibration, tool=tool, codec=codec,
+                        coded_of=self._coded if same else None)
         if self.path is not None and path == self.path.resolve():
             self._reopen(path)
 
-    def compact(self) -> None:
-        """Fold append.log into the base files of the map's own directory (atomic), dropping removed places."""
+    def compact(self, tokens: 'str | tokens_module.TokenOptions | None' = None) -> None:
+        """Fold append.log into the base files of the map's own directory (atomic), dropping removed places;
+        `tokens` as in `save` (None keeps the map's encoding)."""
         if self.path is None:
             raise MapError('compact() needs a map opened from disk (load or open_append)')
-        self.save(self.path)
+        self.save(self.path, tokens=tokens)
+
+    def _codec_for(self, wanted) -> 'tokens_module.TokenCodec | tokens_module.TokenOptions':
+        if wanted is None:
+            return self.codec
+        options = tokens_module.TokenOptions(wanted) if isinstance(wanted, str) else wanted
+        current = self.codec
+        if options.kind != current.kind:
+            return options
+        if options.kind != 'pq' or (options.pq_m, options.opq, options.normalize) == (
+                current.pq_m, current.opq, current.normalize):
+            return current
+        return options
+
+    def _coded(self, place_id: int):
+        """(codes, side arrays) of a base place as the map's codec stores them, None for any other place."""
+        kind, off = self._where[int(place_id)]
+        if kind != _BASE:
+            return None
+        n = self._places[int(place_id)].num_tokens
+        return self._base[0][off:off + n], tuple(a[off:off + n] for a in self._side)
 
     def close(self) -> None:
         """Close the append log (if open); the map stays readable."""

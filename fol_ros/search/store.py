@@ -2,13 +2,17 @@
 in-memory view the pipeline searches; it reads and writes only through these functions, and nothing here
 imports it (one-way dependency: places <- storage <- metadata <- store <- place_map).
 
-Directory layout (format version 2; version 1 = the same without metadata_sha256, still read; no pickle anywhere,
-every .npy is loaded with allow_pickle=False; every file must be a regular file, symlinks are refused):
+Directory layout (format version 3; version 2 = the same without local_codec (fp16 tokens), version 1 = 2 without
+metadata_sha256, both still read; no pickle anywhere, every .npy is loaded with allow_pickle=False; every file must
+be a regular file, symlinks are refused):
     metadata.json       format, version, model identity, dims/dtypes, counts, creation info, size + sha256 per file,
                         its own sha256 (metadata.py has the schema)
     places.csv          the places table (see places.py)
     globals.npy         float32 [N, D] unit-norm global descriptors
-    local.npy           float16 [sum L, d] local tokens of all places, concatenated (memory-mapped on load)
+    local.npy           local tokens of all places, concatenated (memory-mapped on load), as `local_codec` says
+                        (tokens.py): float16 [sum L, d] (fp16, the default), int8 [sum L, d] (int8, with
+                        local_scale.npy float16 [sum L]) or uint8 PQ codes [sum L, m] (pq, with local_codebook.npy
+                        and, for OPQ, local_rotation.npy); decoded per place by `decode_tokens`
     local_index.npy     int32 [sum L] flat index of each token in its place's local grid
     local_xy.npy        float32 [sum L, 2] token pixel coordinates in the source image
     local_offsets.npy   int64 [N + 1] token row range of place i: offsets[i]:offsets[i + 1]
@@ -32,7 +36,7 @@ import numpy as np
 
 from fol_ros.errors import MapError, MapMismatchError
 from fol_ros.records import ModelInfo
-from fol_ros.search import metadata, storage
+from fol_ros.search import metadata, storage, tokens as token_codec
 from fol_ros.search.places import Place, read_places, write_places
 
 LOG = logging.getLogger(__name__)
@@ -73,6 +77,8 @@ class StoredMap:
     log: list = field(default_factory=list)   # LoggedAdd / LoggedRemove in log order
     log_buffer: mmap.mmap | None = None
     log_size: int = 0                  # end of the last intact record (a torn tail beyond it is ignored)
+    codec: token_codec.TokenCodec | None = None   # how the base tokens are stored (None = fp16)
+    token_side: tuple = ()             # per-token side arrays of the codec (int8: scales), memory-mapped
     next_place_id: int = 0
     calibration: object = None         # verify.calibration.Calibration or None
     calibration_problem: str = ''
@@ -109,8 +115,8 @@ def read_map(path: str | Path, expect: ModelInfo | None = None, verify: str = 'f
             '`fol-ros map build`')
     verify_files(path, meta, verify)
     gd, ld = meta['global_dim'], meta['local_dim']
-    places, globals_, offsets, tokens = _read_base(path, meta)
-    stored = StoredMap(path, meta, model, gd, ld, places, globals_, offsets, tokens)
+    places, globals_, offsets, tokens, codec, side = _read_base(path, meta)
+    stored = StoredMap(path, meta, model, gd, ld, places, globals_, offsets, tokens, codec=codec, token_side=side)
     ids = [p.place_id for p in places]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
@@ -131,7 +137,7 @@ def verify_files(path: Path, meta: dict, verify: str) -> None:
     if verify not in ('full', 'size'):
         raise MapError(f"verify={verify!r} must be 'full' or 'size'")
     files = meta['files']
-    for name in BASE_FILES:
+    for name in metadata.base_files(meta):
         file = path / name
         size = storage.check_regular(file).st_size
         expected = files[name]['bytes']
@@ -142,29 +148,54 @@ def verify_files(path: Path, meta: dict, verify: str) -> None:
             raise MapError(f'{file}: sha256 mismatch, the file is corrupt; restore the map from a copy or rebuild it')
 
 
-def _read_base(path: Path, meta: dict) -> tuple[list[Place], np.ndarray, np.ndarray, Tokens]:
+def _read_base(path: Path, meta: dict):
     places = read_places(path / 'places.csv', cap=meta['files']['places.csv']['bytes'])
     n, total = meta['count'], meta['total_local_tokens']
     gd, ld = meta['global_dim'], meta['local_dim']
+    params = meta.get(metadata.CODEC_FIELD, {'kind': 'fp16'})
     load = dict(allow_pickle=False)
+    side_names = metadata.codec_files(meta)
     try:
         g = np.load(path / 'globals.npy', **load)
         offsets = np.load(path / 'local_offsets.npy', **load)
         base = tuple(np.load(path / f, mmap_mode='r', **load)
                      for f in ('local.npy', 'local_index.npy', 'local_xy.npy'))
+        extra = {f: np.load(path / f, mmap_mode='r' if f == token_codec.SCALE_FILE else None, **load)
+                 for f in side_names}
     except (ValueError, OSError, EOFError) as exc:
         raise MapError(f'{path}: an array file is unreadable ({exc}); the map is damaged') from exc
+    columns = params['m'] if params['kind'] == 'pq' else ld
     expected = {'globals.npy': (g, (n, gd), np.float32), 'local_offsets.npy': (offsets, (n + 1,), np.int64),
-                'local.npy': (base[0], (total, ld), np.float16),
+                'local.npy': (base[0], (total, columns), np.dtype(token_codec.LOCAL_DTYPE[params['kind']])),
                 'local_index.npy': (base[1], (total,), np.int32), 'local_xy.npy': (base[2], (total, 2), np.float32)}
+    if params['kind'] == 'int8':
+        expected[token_codec.SCALE_FILE] = (extra[token_codec.SCALE_FILE], (total,), np.float16)
+    elif params['kind'] == 'pq':
+        m = params['m']
+        expected[token_codec.CODEBOOK_FILE] = (extra[token_codec.CODEBOOK_FILE],
+                                               (m, token_codec.PQ_CENTROIDS, ld // m), np.float32)
+        if params['opq']:
+            expected[token_codec.ROTATION_FILE] = (extra[token_codec.ROTATION_FILE], (ld, ld), np.float32)
     for name, (arr, shape, dtype) in expected.items():
         if arr.shape != shape or arr.dtype != dtype:
             raise MapError(f'{path}/{name} is {arr.dtype} {arr.shape}, expected {np.dtype(dtype)} {shape}')
+    for name in token_codec.CODEBOOK_FILE, token_codec.ROTATION_FILE:
+        if name in extra and not np.isfinite(extra[name]).all():
+            raise MapError(f'{path}/{name} holds NaN or inf; the map is damaged')
+    codec = token_codec.from_metadata(params, ld, extra)
     counts = np.diff(offsets)
     if (len(places) != n or offsets[0] != 0 or offsets[-1] != total or (counts < 0).any()
             or any(p.num_tokens != c for p, c in zip(places, counts))):
         raise MapError(f'{path}: places.csv disagrees with the token offsets or the count ({len(places)} vs {n})')
-    return places, np.array(g, np.float32), offsets, base
+    side = tuple(extra[f] for f in codec.token_files)
+    return places, np.array(g, np.float32), offsets, base, codec, side
+
+
+def decode_tokens(codec: token_codec.TokenCodec | None, tokens: Tokens, side: tuple = ()) -> Tokens:
+    """One place's stored tokens as the re-ranker takes them: fp16 as stored, int8 and pq decoded to float32."""
+    if codec is None or codec.kind == 'fp16':
+        return tokens
+    return codec.decode(tokens[0], side), tokens[1], tokens[2]
 
 
 def _read_log(stored: StoredMap, base_ids: set[int]) -> None:
@@ -240,42 +271,75 @@ def open_log(path: str | Path, good_size: int, durable: bool = True) -> storage.
 # ----- writing ---------------------------------------------------------------------------------------------------
 def write_map(path: str | Path, *, model: ModelInfo, global_dim: int, local_dim: int, places: Sequence[Place],
               global_matrix: np.ndarray, tokens_of: Callable[[int], Tokens], next_place_id: int,
-              calibration=None, tool: str = '') -> None:
+              calibration=None, tool: str = '',
+              codec: token_codec.TokenCodec | token_codec.TokenOptions | None = None,
+              coded_of: Callable[[int], tuple | None] | None = None) -> token_codec.TokenCodec:
     """Write a complete map into a locked staging sibling of `path`, fsync it, then rename it over `path`.
 
     Staging directories that killed writers left next to `path` are removed first (and logged).
+
+    Args:
+        tokens_of: a place's tokens (local [L, d] float, local_index, local_xy).
+        codec: how local tokens are stored: a trained TokenCodec (kept as it is), TokenOptions (a PQ codec is
+            trained on a sample of the map's tokens first) or None (fp16).
+        coded_of: a place's tokens as `codec` already stores them, (codes, side arrays), or None; such codes are
+            copied instead of decoded and encoded again (compaction of an int8/pq map keeps its codes exactly).
+    Returns:
+        the codec the map was written with.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     storage.clean_leftovers(path)
+    if not isinstance(codec, token_codec.TokenCodec):
+        options = codec or token_codec.TokenOptions()
+        sample = np.zeros((0, local_dim), np.float32)
+        if options.kind == 'pq':
+            total = sum(p.num_tokens for p in places)
+            sample = token_codec.sample_tokens((tokens_of(p.place_id)[0] for p in places), options.train_tokens,
+                                               total, options.seed)
+        codec, seconds = token_codec.timed_train(options, local_dim, sample)
+        if options.kind == 'pq':
+            LOG.info('trained %s token codec (m %d, opq %s) on %d tokens in %.1f s', options.kind, codec.pq_m,
+                     codec.opq, len(sample), seconds)
+        coded_of = None
     with storage.Staging(path, 'tmp') as tmp:
         _write_files(tmp, model, global_dim, local_dim, places, global_matrix, tokens_of, next_place_id,
-                     calibration, tool)
+                     calibration, tool, codec, coded_of)
         storage.replace_dir(tmp, path)
-    LOG.info('saved place map %s (%d places)', path, len(places))
+    LOG.info('saved place map %s (%d places, %s tokens)', path, len(places), codec.kind)
+    return codec
 
 
 def _write_files(out: Path, model, global_dim, local_dim, places, global_matrix, tokens_of, next_place_id,
-                 calibration, tool) -> None:
+                 calibration, tool, codec: token_codec.TokenCodec, coded_of) -> None:
     counts = np.array([p.num_tokens for p in places], np.int64)
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     total = int(offsets[-1])
     np.save(out / 'globals.npy', np.ascontiguousarray(global_matrix, np.float32).reshape(len(places), global_dim))
     np.save(out / 'local_offsets.npy', offsets)
-    local = np.lib.format.open_memmap(out / 'local.npy', 'w+', np.float16, (total, local_dim))
+    local = np.lib.format.open_memmap(out / 'local.npy', 'w+', np.dtype(codec.local_dtype), (total, codec.columns))
     index = np.lib.format.open_memmap(out / 'local_index.npy', 'w+', np.int32, (total,))
     xy = np.lib.format.open_memmap(out / 'local_xy.npy', 'w+', np.float32, (total, 2))
+    side = [np.lib.format.open_memmap(out / name, 'w+', np.float16, (total,)) for name in codec.token_files]
     for place, start, stop in zip(places, offsets[:-1], offsets[1:]):
-        local[start:stop], index[start:stop], xy[start:stop] = tokens_of(place.place_id)
-    for arr in (local, index, xy):
+        raw, index[start:stop], xy[start:stop] = tokens_of(place.place_id)
+        coded = coded_of(place.place_id) if coded_of is not None else None
+        codes, extra = coded if coded is not None else codec.encode(raw)
+        local[start:stop] = codes
+        for arr, values in zip(side, extra):
+            arr[start:stop] = values
+    for arr in (local, index, xy, *side):
         arr.flush()
-    del local, index, xy
+    del local, index, xy, side
+    for name, arr in codec.map_arrays().items():
+        np.save(out / name, arr)
     write_places(out / 'places.csv', list(places))
     files = {}
-    for name in BASE_FILES:
+    for name in BASE_FILES + codec.files:
         storage.fsync_path(out / name)
         files[name] = {'bytes': (out / name).stat().st_size, 'sha256': storage.sha256_file(out / name)}
-    meta = metadata.new(model, global_dim, local_dim, len(places), total, next_place_id, files, tool)
+    meta = metadata.new(model, global_dim, local_dim, len(places), total, next_place_id, files, tool,
+                        codec.params())
     if calibration is not None:
         meta['calibration'] = _write_calibration_file(out, calibration)
     metadata.write(out, meta)
