@@ -110,8 +110,8 @@ def calibrate_map(path: str | Path, config, args: argparse.Namespace, quiet: boo
         'adjacent views)'
     recall = f', {c.positives_accepted} of {c.positives} {kind} accepted'
     print(f'{path}: gate calibrated on {c.queries} queries ({c.basis}) for precision {c.target_precision}: '
-          f'min_global_similarity {c.min_global_similarity:.4f}, min_local_matches {c.min_local_matches} '
-          f'(estimated false-accept rate {c.false_accept_rate:.3f}{recall})')
+          f'min_global_similarity {c.min_global_similarity:.4f}, min_local_matches {c.min_local_matches}, '
+          f'min_inliers {c.min_inliers} (estimated false-accept rate {c.false_accept_rate:.3f}{recall})')
     return calibration
 
 
