@@ -1,6 +1,7 @@
 """Compact local tokens (issue 17.1): int8 and PQ maps save, load, append and compact; format version 3 and the
 older versions still load; the re-ranker on decoded tokens agrees with the fp32 re-ranker within a stated bound."""
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -145,6 +146,14 @@ def test_fp16_default_is_unchanged_and_version_2_maps_still_load(tmp_path):
             assert all(np.array_equal(a, b) for a, b in zip(back.local_tokens(pid), ref.local_tokens(pid)))
 
 
+@pytest.fixture(scope='module')
+def pq_map(tmp_path_factory):
+    """One saved PQ map (training is the slow part), copied by each test that damages it."""
+    path = tmp_path_factory.mktemp('pq') / 'map'
+    _map()[0].save(path, tokens=PQ)
+    return path
+
+
 @pytest.mark.parametrize('change,match', [
     (lambda m: m.pop('local_codec'), "'local_codec' is missing"),
     (lambda m: m.__setitem__('local_codec', {'kind': 'zip'}), "'local_codec.kind' is 'zip'"),
@@ -155,9 +164,8 @@ def test_fp16_default_is_unchanged_and_version_2_maps_still_load(tmp_path):
     (lambda m: m['files'].pop('local_codebook.npy'), "'files.local_codebook.npy' is missing"),
     (lambda m: m['local_codec'].__setitem__('opq', False), "'files.local_rotation.npy' is not a field"),
 ])
-def test_damaged_codec_metadata_is_refused(tmp_path, change, match):
-    pmap, _ = _map()
-    pmap.save(tmp_path / 'map', tokens=PQ)
+def test_damaged_codec_metadata_is_refused(tmp_path, pq_map, change, match):
+    shutil.copytree(pq_map, tmp_path / 'map')
     meta = _meta(tmp_path / 'map')
     change(meta)
     meta[metadata.CHECKSUM_FIELD] = metadata.canonical_sha256(meta)
@@ -166,9 +174,8 @@ def test_damaged_codec_metadata_is_refused(tmp_path, change, match):
         PlaceMap.load(tmp_path / 'map')
 
 
-def test_damaged_codec_files_are_refused(tmp_path):
-    pmap, _ = _map()
-    pmap.save(tmp_path / 'map', tokens=PQ)
+def test_damaged_codec_files_are_refused(tmp_path, pq_map):
+    shutil.copytree(pq_map, tmp_path / 'map')
     book = tmp_path / 'map' / 'local_codebook.npy'
     data = bytearray(book.read_bytes())
     data[-5] ^= 0x10
