@@ -1,6 +1,6 @@
 """Scale numbers (issue 17.3): search latency and recall@10 against exact search at 10k, 100k and 1M places of real
-8448-d FoL global descriptors, for faiss flat, IVF and HNSW (the node's own `GlobalIndex`), IVF-PQ (what fits at 1M) and any other back end;
-RAM and disk per place.
+8448-d FoL global descriptors, for faiss flat, IVF and HNSW (the node's own `GlobalIndex`), IVF-PQ (what fits at 1M)
+and any other back end; RAM and disk per place.
 
     .venv/bin/python bench/bench_scale.py [--n 10000 100000 1000000] [--backends faiss-flat faiss-ivf faiss-hnsw]
                                           [--backend-module my.module:factory] [--ram-gb 12]
@@ -29,7 +29,6 @@ import os
 import pathlib
 import statistics
 import sys
-import tempfile
 import time
 
 import numpy as np

@@ -157,15 +157,15 @@ def main() -> None:
     p.add_argument('--out', default=str(REPO / 'bench' / 'results' / 'tokens.json'))
     args = p.parse_args()
     results = []
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.sets:
             results.append(run_set(name, args.settings, args.k, args.step, pathlib.Path(tmp)))
             _print(results[-1])
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({'bench': 'tokens', 'utc': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
-                               'cpu_count': os.cpu_count(), 'results': results}, indent=1) + '\n')
-    print(f'wrote {out}')
+            out.write_text(json.dumps({'bench': 'tokens', 'utc': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
+                                       'cpu_count': os.cpu_count(), 'results': results}, indent=1) + '\n')
+            print(f'wrote {out}', flush=True)
 
 
 if __name__ == '__main__':

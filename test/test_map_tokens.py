@@ -101,7 +101,8 @@ def test_append_and_compact_keep_the_codec_and_the_codes(tmp_path, kind):
     if kind == 'pq':   # the trained codebook is kept, so old places decode to exactly the same tokens
         assert np.array_equal(after.codec.codebook, before.codec.codebook)
     codec = after.codec
-    assert np.allclose(after.local_tokens(pid)[0], codec.decode(*codec.encode(new.local.astype(np.float16))), atol=1e-6)  # logged as fp16
+    logged = new.local.astype(np.float16)   # the append log holds fp16 tokens; compaction codes those
+    assert np.allclose(after.local_tokens(pid)[0], codec.decode(*codec.encode(logged)), atol=1e-6)
 
 
 def test_compact_converts_between_encodings(tmp_path):
@@ -130,7 +131,8 @@ def test_fp16_default_is_unchanged_and_version_2_maps_still_load(tmp_path):
     meta = _meta(tmp_path / 'map')
     assert meta['local_codec'] == {'kind': 'fp16'} and set(meta['files']) == set(metadata.BASE_FILES)
     local = np.load(tmp_path / 'map' / 'local.npy')
-    assert local.dtype == np.float16 and np.array_equal(local, np.concatenate([e.local for e in encs]).astype(np.float16))
+    expected = np.concatenate([e.local for e in encs]).astype(np.float16)
+    assert local.dtype == np.float16 and np.array_equal(local, expected)
     ref = PlaceMap.load(tmp_path / 'map')
     for version in (2, 1):
         old = dict(meta)

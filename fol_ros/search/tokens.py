@@ -146,9 +146,9 @@ class TokenCodec:
             return np.asarray(codes)
         if self.kind == 'int8':
             return np.asarray(codes, np.float32) * np.asarray(side[0], np.float32)[:, None]
-        c = np.asarray(codes, np.intp)
-        m, _, dsub = self.codebook.shape
-        out = self.codebook[np.arange(m)[None, :], c].reshape(len(c), m * dsub)
+        m, k, dsub = self.codebook.shape
+        flat = np.asarray(codes, np.intp) + np.arange(0, m * k, k)   # row of each code in the [m * 256, dsub] table
+        out = self.codebook.reshape(m * k, dsub).take(flat, 0).reshape(len(flat), m * dsub)
         if self.opq:
             out = out @ self.rotation
         if self.normalize and len(out):
