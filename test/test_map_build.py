@@ -81,6 +81,20 @@ def test_build_from_bag_with_time_keyframes(tmp_path):
     assert pmap.places[2].source == '/camera/image_raw#4'
 
 
+def test_build_with_int8_tokens(tmp_path):
+    """`map build --tokens int8` (issue 17.1): the built map stores int8 codes + scales and decodes to the tokens."""
+    imgs = _images(4)
+    stamps = [10 ** 9 + i * 10 ** 9 for i in range(4)]
+    bag = write_bag(tmp_path / 'bag', zip(stamps, imgs), [], storage='mcap')
+    build_map(BagSource(bag, '/camera/image_raw', ''), FakeEncoder(), tmp_path / 'map', ONLY_TIME, progress=False,
+              tokens='int8')
+    pmap = PlaceMap.load(tmp_path / 'map')
+    assert pmap.token_encoding == 'int8' and len(pmap) == 4
+    assert np.load(tmp_path / 'map' / 'local.npy').dtype == np.int8
+    expected = FakeEncoder().encode(imgs[2:3])[0].local
+    assert np.abs(pmap.local_tokens(2)[0] - expected).max() <= np.abs(expected).max() / 254 + 1e-3
+
+
 def test_novelty_keyframes_skip_revisited_views(tmp_path):
     a, b = _images(2, seed=3)
     frames = [Frame(img, i * 10 ** 9) for i, img in enumerate([a, a, b, a, b])]
