@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import ros_env
-from fixtures.node_harness import Client, NodeProcess, build_map, rclpy_context, read_rgb
+from fixtures.node_harness import Client, NodeProcess, rclpy_context, tiny_node_assets
 from fol_ros.msg import PlaceRecognition
 from fol_ros.srv import QueryImage
 from std_srvs.srv import Trigger
@@ -23,17 +23,7 @@ MAP_SIZE = 30
 @pytest.fixture(scope='module')
 def assets(tmp_path_factory, corridor_dir):
     """A tiny seeded checkpoint and a map of the first 30 Corridor reference frames (stamped 0..29 s)."""
-    from fol_ros.encode.base import create_encoder
-    from fol_ros.config import EngineConfig, ModelConfig
-    from fixtures.tiny_encoder import tiny_test_encoder
-    from fol_ros.model.checkpoint import save_checkpoint
-    root = tmp_path_factory.mktemp('node')
-    checkpoint = save_checkpoint(tiny_test_encoder().net, root / 'tiny.pth', label='tiny test model')
-    encoder = create_encoder(ModelConfig(checkpoint=str(checkpoint), input_size=(294, 294)),
-                             EngineConfig(engine='torch', device='cpu'))
-    images = [read_rgb(p) for p in sorted((corridor_dir / 'ref').glob('*.jpg'))[:MAP_SIZE]]
-    build_map(encoder, images, root / 'map', [i * S for i in range(MAP_SIZE)])
-    return {'root': root, 'checkpoint': str(checkpoint), 'map': str(root / 'map'), 'images': images}
+    return tiny_node_assets(tmp_path_factory.mktemp('node'), corridor_dir, MAP_SIZE)
 
 
 def tiny_overrides(assets, **extra) -> dict:

@@ -11,7 +11,7 @@ import pytest
 from std_srvs.srv import Trigger
 
 from conftest import ros_env
-from fixtures.node_harness import Client, NodeProcess, build_map, rclpy_context, read_rgb
+from fixtures.node_harness import Client, NodeProcess, rclpy_context, tiny_node_assets
 
 pytestmark = pytest.mark.ros
 S = 10**9
@@ -20,17 +20,7 @@ S = 10**9
 @pytest.fixture(scope='module')
 def assets(tmp_path_factory, corridor_dir):
     """A tiny seeded checkpoint, 8 Corridor frames and a map of them (stamped 0..7 s)."""
-    from fol_ros.config import EngineConfig, ModelConfig
-    from fol_ros.encode.base import create_encoder
-    from fixtures.tiny_encoder import tiny_test_encoder
-    from fol_ros.model.checkpoint import save_checkpoint
-    root = tmp_path_factory.mktemp('robust')
-    checkpoint = save_checkpoint(tiny_test_encoder().net, root / 'tiny.pth', label='tiny test model')
-    encoder = create_encoder(ModelConfig(checkpoint=str(checkpoint), input_size=(294, 294)),
-                             EngineConfig(engine='torch', device='cpu'))
-    images = [read_rgb(p) for p in sorted((corridor_dir / 'ref').glob('*.jpg'))[:8]]
-    build_map(encoder, images, root / 'map', [i * S for i in range(len(images))])
-    return {'root': root, 'checkpoint': str(checkpoint), 'map': str(root / 'map'), 'images': images}
+    return tiny_node_assets(tmp_path_factory.mktemp('robust'), corridor_dir, 8)
 
 
 @pytest.fixture(scope='module')

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +39,7 @@ from fol_ros.errors import ConfigError
 from fol_ros.msg import LoopClosure
 from fol_ros.posegraph import LoopConstraint, LoopPoseGraph, PoseGraphSettings
 from fol_ros.records import Pose
+from fol_ros.ros.run import close_node, spin_until_signal
 
 log = logging.getLogger(__name__)
 _NS = 1_000_000_000
@@ -204,9 +204,6 @@ def main(argv: list[str] | None = None) -> int:
     """Spin until SIGINT/SIGTERM, then solve once more and write the trajectory (if asked)."""
     rclpy.init(args=argv if argv is not None else sys.argv, signal_handler_options=SignalHandlerOptions.NO)
     logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
-    stop = {'now': False}
-    signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__('now', True))
-    signal.signal(signal.SIGINT, lambda *_: stop.__setitem__('now', True))
     try:
         node = PoseGraphNode()
     except ConfigError as exc:          # a bad parameter: say which, no traceback
@@ -214,13 +211,10 @@ def main(argv: list[str] | None = None) -> int:
         rclpy.try_shutdown()
         return 2
     try:
-        while rclpy.ok() and not stop['now']:
-            rclpy.spin_once(node, timeout_sec=0.1)
+        spin_until_signal(node)
         node.finish()
     finally:
-        node.destroy_node()
-        if rclpy.ok():
-            rclpy.shutdown()
+        close_node(node)
     return 0
 
 

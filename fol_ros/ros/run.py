@@ -65,6 +65,26 @@ class StopFlag:
         self.event.set()
 
 
+def spin_until_signal(node) -> str:
+    """Spin a single-threaded helper node (recorder, pose graph) until SIGINT/SIGTERM or the context ends.
+
+    For processes started with rclpy's own signal handling off, so that the caller can still write its results
+    after the signal. Returns the signal's name ('' when the context ended).
+    """
+    stop = StopFlag()
+    stop.install()
+    while rclpy.ok() and not stop.event.is_set():
+        rclpy.spin_once(node, timeout_sec=0.1)
+    return stop.signal_name
+
+
+def close_node(node) -> None:
+    """Destroy `node` and shut the context down if nobody else did."""
+    node.destroy_node()
+    if rclpy.ok():
+        rclpy.shutdown()
+
+
 def run_node(node_class, args: list[str] | None = None) -> int:
     """Run `node_class()` on a MultiThreadedExecutor until SIGINT/SIGTERM or the context ends."""
     from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import sys
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from fol_ros.eval.scoring import StreamScorer
 from fol_ros.pose_track import PoseTrack
 from fol_ros.msg import LoopClosure, PlaceRecognition
 from fol_ros.records import Pose
+from fol_ros.ros.run import close_node, spin_until_signal
 
 log = logging.getLogger(__name__)
 _NS = 1_000_000_000
@@ -189,16 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     rclpy.init(args=argv if argv is not None else sys.argv, signal_handler_options=SignalHandlerOptions.NO)
     logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
     node = LoopClosureRecorder()
-    stop = {'now': False}
-
-    def request_stop(*_) -> None:
-        stop['now'] = True
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
     try:
-        while rclpy.ok() and not stop['now']:
-            rclpy.spin_once(node, timeout_sec=0.1)
+        spin_until_signal(node)
         result = node.finish()
         lc = result['loop_closure']['curve']
         node.get_logger().info(
@@ -210,9 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             node.get_logger().info(f'ATE (RMSE) odometry {t["ate_odometry_m"]:.3f} m, with FoL loop closures '
                                    f'{t["ate_loop_closed_m"]:.3f} m')
     finally:
-        node.destroy_node()
-        if rclpy.ok():
-            rclpy.shutdown()
+        close_node(node)
     return 0
 
 
