@@ -21,6 +21,7 @@ SEARCH_BACKENDS = ('faiss', 'milvus')
 VERIFY_METHODS = ('none', 'fundamental', 'homography', 'essential')
 GATE_THRESHOLDS = ('auto', 'fixed')
 MODES = ('localization', 'mapping')
+POSE_SOURCES = ('odom', 'tf')
 RELIABILITIES = ('best_effort', 'reliable')
 PATCH = 14
 MIN_INPUT = 294  # smallest size whose local tokens always fit the 3600-row budget (fol-method §5)
@@ -89,6 +90,13 @@ class NodeSettings:
                                launch='compressed')
     odom_topic: str = setting('', "nav_msgs/Odometry giving the camera pose (keyframe distance, place poses); '' = "
                               'none', launch='odom_topic')
+    pose_source: str = setting('odom', "where each frame's camera pose comes from: odom (odom_topic, the sample "
+                               'nearest in time) or tf (map_frame <- camera_frame at the frame stamp; needs tf2_ros)',
+                               choices=POSE_SOURCES, launch='pose_source')
+    camera_frame: str = setting('', "pose_source tf: the camera's TF frame; '' = the image header's frame_id",
+                                launch='camera_frame')
+    tf_timeout_s: float = setting(0.1, 'pose_source tf: how long a lookup waits for the transform at the frame '
+                                  'stamp (TF arrives a little after the image)', unit='s', low=0.0, high=5.0)
     qos_reliability: str = setting('best_effort', 'image subscription reliability: best_effort (sensor data) or '
                                    'reliable (e.g. `ros2 bag play`)', choices=RELIABILITIES,
                                    launch='qos_reliability')
@@ -106,7 +114,8 @@ class NodeSettings:
     pose_covariance: tuple[float, ...] = setting(
         (1.0, 1.0, 1.0, 0.1, 0.1, 0.1), 'diagonal of the matched_pose covariance: x y z (m^2), roll pitch yaw '
         '(rad^2)', live=True)
-    map_frame: str = setting('map', 'frame of matched_pose when a place pose has no frame', live=True)
+    map_frame: str = setting('map', 'pose_source tf: the frame camera poses are looked up in; also the frame of '
+                             'matched_pose when a place pose has no frame', live=True, launch='map_frame')
     diagnostics_period_s: float = setting(1.0, '/diagnostics publication period (wall clock)', unit='s', low=0.01)
     bad_input_log_period_s: float = setting(5.0, 'bad-input warnings are throttled to one per this period',
                                             unit='s', low=0.0, live=True)
@@ -116,6 +125,9 @@ class NodeSettings:
         if len(self.pose_covariance) != 6:
             raise ConfigError(f'pose_covariance needs 6 values (x y z roll pitch yaw variances), '
                               f'got {len(self.pose_covariance)}')
+        if self.pose_source == 'tf' and self.odom_topic:
+            raise ConfigError(f'pose_source tf and odom_topic {self.odom_topic!r} both give the camera pose: '
+                              "set odom_topic '' or pose_source odom")
         if self.mode == 'localization' and not self.map_path:
             raise ConfigError('mode localization needs map_path: build one with `fol-ros map build` '
                               'or use mode mapping')

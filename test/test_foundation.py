@@ -15,7 +15,7 @@ ROSDEP_KEYS = {
     'rclpy': 'rclpy', 'std_msgs': 'std_msgs', 'sensor_msgs': 'sensor_msgs', 'geometry_msgs': 'geometry_msgs',
     'nav_msgs': 'nav_msgs', 'diagnostic_msgs': 'diagnostic_msgs', 'std_srvs': 'std_srvs',
     'lifecycle_msgs': 'lifecycle_msgs', 'builtin_interfaces': 'builtin_interfaces', 'rosgraph_msgs': 'rosgraph_msgs',
-    'cv_bridge': 'cv_bridge', 'launch': 'launch', 'launch_ros': 'launch_ros', 'tf2_ros': 'tf2_ros',
+    'cv_bridge': 'cv_bridge', 'launch': 'launch', 'launch_ros': 'launch_ros', 'tf2_ros': 'tf2_ros_py',
     'numpy': 'python3-numpy', 'cv2': 'python3-opencv', 'yaml': 'python3-yaml', 'tqdm': 'python3-tqdm',
     'matplotlib': 'python3-matplotlib', 'scipy': 'python3-scipy', 'sklearn': 'python3-sklearn',
     'torch': 'python3-torch', 'faiss': 'python3-faiss', 'rosbags': 'python3-rosbags-pip',

@@ -258,3 +258,43 @@ def test_online_mapping_closes_loops_only_outside_the_exclusion_window(ros, asse
     assert code == 0 and 'Traceback' not in node.log(), node.log()[-3000:]
     reloaded = PlaceMap.load(new_map)
     assert len(reloaded) == len(route) and reloaded.places[0].pose.position[0] == 0.0
+
+
+def test_camera_pose_from_tf_at_each_frame_stamp(ros, assets):
+    """pose_source tf (issue 13.12) over DDS, with test/fixtures/fake_tf2 standing in for tf2_ros (no PyPI wheel):
+    each keyframe's place pose is map <- the image header's frame at that frame's stamp, the lookup waits for TF
+    sent after the image, and a frame with no transform is stored without a pose and counted on /diagnostics."""
+    new_map = assets['root'] / 'tf_map'
+    shutil.rmtree(new_map, ignore_errors=True)
+    fake_tf2 = pathlib.Path(__file__).parent / 'fixtures' / 'fake_tf2'
+    env = ros_env()
+    env['PYTHONPATH'] = f'{fake_tf2}:{env["PYTHONPATH"]}'
+    node = NodeProcess(env, assets['root'] / 'tf.log', namespace='tfpose',
+                   **tiny_overrides(assets, mode='mapping', map_path=str(new_map), pose_source='tf',
+                                    tf_timeout_s=1.0, **{'keyframe.min_interval_s': 0.5,
+                                                         'keyframe.min_distance_m': 0.0,
+                                                         'keyframe.novelty_threshold': 0.0}))
+    client = Client('tf_client', namespace='tfpose')
+    try:
+        client.wait_subscribed(client.image_pub, timeout=120)
+        client.wait_subscribed(client.tf_pub)
+        for i in range(5):
+            t = (2000 + i) * S
+            client.send_image(assets['images'][i], t, frame_id='camera')
+            if i != 3:   # frame 3 gets no transform at all
+                time.sleep(0.1)   # TF after the image: the lookup waits for it
+                client.send_transform(10.0 + i, t)
+            assert client.wait_result(t).added_place_id == i
+        client.wait_until(lambda: client.diagnostic_values().get('pose_misses') == '1', 10, 'the pose miss')
+        values = client.diagnostic_values()
+        assert values['pose_source'] == 'tf' and 'no TF map <- camera' in values['last_pose_miss']
+        assert client.call(client.save_map, Trigger.Request()).success
+    finally:
+        client.close()
+        code = node.stop()
+    from fol_ros.search.place_map import PlaceMap
+    assert code == 0 and 'Traceback' not in node.log(), node.log()[-3000:]
+    places = PlaceMap.load(new_map).places
+    assert [p.pose.position[0] if p.pose else None for p in places] == [10.0, 11.0, 12.0, None, 14.0]
+    assert places[0].pose.frame_id == 'map'
+    assert 'frame without a camera pose: no TF map <- camera' in node.log()

@@ -201,7 +201,7 @@ def test_launch_file_static(repo_root, monkeypatch):
     declared = {e.args[0]: e.kwargs['default_value'] for e in entities if type(e).__name__ == 'DeclareLaunchArgument'}
     assert set(declared) == {'image_topic', 'compressed', 'map_path', 'mode', 'checkpoint', 'engine', 'params_file',
                              'use_sim_time', 'namespace', 'autostart', 'odom_topic', 'strict_arguments',
-                             'qos_reliability'}
+                             'qos_reliability', 'pose_source', 'camera_frame', 'map_frame'}
     share = declared['params_file'].args[0]
     assert share[1:] == ['config', 'fol_ros.yaml'] and share[0].args == ('fol_ros',)
     setup = next(e for e in entities if type(e).__name__ == 'OpaqueFunction').kwargs['function']

@@ -132,3 +132,54 @@ def test_published_timings_are_the_pipeline_s_own(worker):
     assert stamp_ns == 5 * S and result.timings == StageTimings(preprocess_ms=1.0, total_ms=1.0)
     assert worker.stats.percentiles('total_ms', (50,)) == [1.0]
     assert worker.stats.percentiles('queue_ms', (50,))[0] >= 0.0
+
+
+def test_tf_pose_source_looks_up_the_camera_frame_at_the_frame_stamp():
+    """fol_ros.ros.poses.TfPoses against a recording buffer (issue 13.12)."""
+    from geometry_msgs.msg import TransformStamped
+
+    from fol_ros.ros.poses import TfPoses
+
+    class RecordingBuffer:
+        def __init__(self):
+            self.calls = []
+
+        def lookup_transform(self, target, source, stamp, timeout):
+            self.calls.append((target, source, stamp.nanoseconds, timeout.nanoseconds))
+            if source == 'lost':
+                raise RuntimeError('frame "lost" does not exist')
+            t = TransformStamped(child_frame_id=source)
+            t.header.frame_id = target
+            t.transform.translation.x, t.transform.rotation.z, t.transform.rotation.w = 3.0, 1.0, 0.0
+            return t
+
+    buffer = RecordingBuffer()
+    poses = TfPoses(buffer, 'map', camera_frame='', timeout_s=0.25)
+    pose = poses.pose_at(7 * S + 5, 'cam_optical')
+    assert buffer.calls == [('map', 'cam_optical', 7 * S + 5, 250_000_000)]
+    assert pose.position == (3.0, 0.0, 0.0) and pose.orientation == (0.0, 0.0, 1.0, 0.0) and pose.frame_id == 'map'
+    assert TfPoses(buffer, 'odom', camera_frame='base_camera').pose_at(S, 'ignored').frame_id == 'odom'
+    assert buffer.calls[-1][:2] == ('odom', 'base_camera')
+    assert poses.pose_at(S, 'lost') is None and 'no TF map <- lost' in poses.last_miss
+    assert 'does not exist' in poses.last_miss
+    assert poses.pose_at(S, '') is None and 'set camera_frame' in poses.last_miss
+
+
+def test_pose_source_settings_are_checked():
+    from fol_ros.errors import ConfigError
+    with pytest.raises(ConfigError, match='pose_source tf and odom_topic'):
+        NodeSettings(mode='mapping', pose_source='tf', odom_topic='odom')
+    with pytest.raises(ConfigError, match='pose_source'):
+        NodeSettings(mode='mapping', pose_source='gps')
+
+
+def test_without_tf2_ros_pose_source_tf_names_the_fix():
+    from fol_ros.errors import ConfigError
+    from fol_ros.ros.poses import tf_listener
+    try:
+        import tf2_ros  # noqa: F401
+        pytest.skip('tf2_ros is installed here')
+    except ImportError:
+        pass
+    with pytest.raises(ConfigError, match='pose_source tf needs tf2_ros.*odom_topic'):
+        tf_listener(None)

@@ -33,6 +33,8 @@ class NodeStats:
             self.bad_inputs = 0
             self.errors = 0
             self.loop_closures = 0
+            self.pose_misses = 0
+            self.last_pose_miss = ''
             self.last_problem = ''
             self._reported_problems = 0
             self._times: deque[float] = deque(maxlen=self._window)
@@ -59,10 +61,16 @@ class NodeStats:
                 self.errors += 1
             self.last_problem = message
 
+    def on_pose_missing(self, message: str) -> None:
+        """A frame got no camera pose although a pose source is set (TF or odometry not there yet)."""
+        with self._lock:
+            self.pose_misses += 1
+            self.last_pose_miss = message
+
     def new_problems(self) -> bool:
         """True if a bad input or an error happened since the previous call."""
         with self._lock:
-            total = self.bad_inputs + self.errors
+            total = self.bad_inputs + self.errors + self.pose_misses
             fresh, self._reported_problems = total > self._reported_problems, total
             return fresh
 
@@ -90,7 +98,8 @@ def diagnostic_array(stamp, name: str, stats: NodeStats, state: str, extra: dict
     values = {'state': state, 'rate_hz': f'{stats.rate_hz():.3f}', 'received': str(stats.received),
               'processed': str(stats.processed), 'dropped_frames': str(stats.dropped),
               'bad_inputs': str(stats.bad_inputs), 'errors': str(stats.errors),
-              'loop_closures': str(stats.loop_closures), 'last_problem': stats.last_problem}
+              'loop_closures': str(stats.loop_closures), 'last_problem': stats.last_problem,
+              'pose_misses': str(stats.pose_misses), 'last_pose_miss': stats.last_pose_miss}
     for stage in STAGES:
         p50, p90, p99 = stats.percentiles(stage)
         values[f'{stage}_p50'] = f'{p50:.2f}'
@@ -103,6 +112,8 @@ def diagnostic_array(stamp, name: str, stats: NodeStats, state: str, extra: dict
     elif stats.new_problems():
         status.level = DiagnosticStatus.WARN
         status.message = f'{stats.bad_inputs} bad inputs, {stats.errors} errors; last: {stats.last_problem}'
+        if stats.pose_misses:
+            status.message += f'; {stats.pose_misses} frames without a pose, last: {stats.last_pose_miss}'
     elif extra.get('gate_fallback') == 'true':   # loop closures judged by uncalibrated thresholds: say so
         status.level, status.message = DiagnosticStatus.WARN, extra.get('gate', 'gate: fixed thresholds')
     else:

@@ -30,6 +30,7 @@ from fol_ros.pipeline import Result, Status
 from fol_ros.ros import convert
 from fol_ros.ros.diagnostics import NodeStats, diagnostic_array
 from fol_ros.ros.params import check_change, declare_all, read_all
+from fol_ros.ros.poses import OdometryPoses, TfPoses, tf_listener
 from fol_ros.ros.resources import load_localizer, map_id as make_map_id
 from fol_ros.ros.worker import FrameWorker
 from fol_ros.srv import QueryImage
@@ -61,6 +62,7 @@ class PlaceRecognitionNode(LifecycleNode):
         self._service_group = MutuallyExclusiveCallbackGroup()
         self._state_label = 'unconfigured'
         self._qos_warned = False
+        self._tf = None   # (tf2_ros Buffer, TransformListener), made at the first configure with pose_source tf
         self.worker = FrameWorker(self.get_logger(), self.stats, self._publish_result,
                                   lambda: self.get_clock().now().nanoseconds)
         self._diag_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
@@ -81,6 +83,7 @@ class PlaceRecognitionNode(LifecycleNode):
         """Load model and map, create publishers and services. FAILURE (logged) on any bad setting or file."""
         try:
             self.settings, config = read_all(self)
+            poses = self._pose_source(self.settings)
             localizer = load_localizer(self.settings, config, self.get_logger())
         except FolError as exc:
             self.get_logger().error(f'configure failed: {exc}')
@@ -92,7 +95,7 @@ class PlaceRecognitionNode(LifecycleNode):
             return FAILURE
         self.map_id = make_map_id(localizer, self.settings.map_path)
         bridge = convert.load_cv_bridge() if self.settings.use_cv_bridge else None
-        self.worker.attach(localizer, self.settings, bridge)
+        self.worker.attach(localizer, self.settings, bridge, poses)
         pub = self._publisher
         self._pubs = {'result': pub(PlaceRecognition, 'place_recognition'), 'loop': pub(LoopClosure, 'loop_closure')}
         if self.settings.publish_pose:
@@ -109,6 +112,14 @@ class PlaceRecognitionNode(LifecycleNode):
                                f'{localizer.map_size} places, model {enc.info.fingerprint}, engine {enc.name}')
         self._state_label = 'inactive'
         return SUCCESS
+
+    def _pose_source(self, s):
+        """The camera pose source of the settings (odometry is subscribed on activate)."""
+        if s.pose_source != 'tf':
+            return OdometryPoses()
+        if self._tf is None:
+            self._tf = tf_listener(self)
+        return TfPoses(self._tf[0], s.map_frame, s.camera_frame, s.tf_timeout_s)
 
     def _on_set_parameters(self, parameters) -> SetParametersResult:
         """Refuse wrong types, out-of-range values and (while configured) settings read at configure, with the
@@ -265,7 +276,7 @@ class PlaceRecognitionNode(LifecycleNode):
         extra = {'map_id': self.map_id, 'map_size': str(loc.map_size if loc else 0),
                  'model': loc.encoder.info.fingerprint if loc else '', 'model_label': loc.encoder.info.label
                  if loc else '', 'engine': loc.encoder.name if loc else '', 'mode': s.mode if s else '',
-                 'gate': loc.gate_note if loc else '',
+                 'gate': loc.gate_note if loc else '', 'pose_source': s.pose_source if s else '',
                  'gate_fallback': 'true' if loc and loc.gate_fallback else 'false'}
         self._diag_pub.publish(diagnostic_array(self.get_clock().now().to_msg(), self.get_name(), self.stats,
                                                 self._state_label, extra))

@@ -24,10 +24,10 @@ from typing import Callable
 
 from fol_ros.errors import FolError
 from fol_ros.pipeline import Encoded, Localizer, Result, Status
-from fol_ros.pose_track import PoseTrack
 from fol_ros.records import StageTimings
 from fol_ros.ros import convert
 from fol_ros.ros.diagnostics import NodeStats
+from fol_ros.ros.poses import OdometryPoses
 from fol_ros.ros.slot import FrameSlot
 
 
@@ -53,8 +53,7 @@ class FrameWorker:
         self.settings = None
         self.bridge = None
         self.active = False
-        self._odometry = PoseTrack(maxlen=400)
-        self._odometry_lock = threading.Lock()   # filled by the executor thread, read by this worker's thread
+        self.poses = OdometryPoses()   # or a TfPoses (pose_source tf), set by attach
         self._encode_lock = threading.Lock()
         self._pipeline_lock = threading.Lock()
         self._reset_pending = False
@@ -64,9 +63,10 @@ class FrameWorker:
         self._thread.start()
 
     # set-up -------------------------------------------------------------------------------------------------
-    def attach(self, localizer: Localizer, settings, bridge) -> None:
+    def attach(self, localizer: Localizer, settings, bridge, poses=None) -> None:
         with self._pipeline_lock:
             self.localizer, self.settings, self.bridge = localizer, settings, bridge
+            self.poses = poses if poses is not None else OdometryPoses()
             self._reset_pending = False
             self._query_gate = copy.deepcopy(localizer.gate)
 
@@ -78,6 +78,8 @@ class FrameWorker:
             if self._query_gate is not None:
                 self._query_gate.config = loc.gate.config
         self.settings = settings
+        if hasattr(self.poses, 'map_frame'):
+            self.poses.map_frame = settings.map_frame
         self.slot.set_rate(settings.max_rate_hz)
 
     def detach(self) -> None:
@@ -111,14 +113,20 @@ class FrameWorker:
         return self.slot.put((msg, time.perf_counter()))
 
     def add_odometry(self, stamp_ns: int, pose) -> None:
-        with self._odometry_lock:
-            self._odometry.add(stamp_ns, pose)
+        add = getattr(self.poses, 'add', None)
+        if add is not None:
+            add(stamp_ns, pose)
 
-    def pose_at(self, stamp_ns: int):
-        """The odometry pose nearest in time to a frame, whatever the gap (None without odometry); the same lookup
-        as `fol-ros eval --bag`."""
-        with self._odometry_lock:
-            return self._odometry.nearest(stamp_ns)
+    def pose_at(self, stamp_ns: int, frame_id: str = ''):
+        """The camera pose of a frame from the pose source (odometry nearest in time, or TF at the stamp); None
+        without one. A miss while a pose source is configured counts on /diagnostics and is logged (throttled)."""
+        pose = self.poses.pose_at(stamp_ns, frame_id)
+        s = self.settings
+        if pose is None and s is not None and (s.pose_source == 'tf' or s.odom_topic):
+            self.stats.on_pose_missing(self.poses.last_miss)
+            self.logger.warning(f'frame without a camera pose: {self.poses.last_miss}',
+                                throttle_duration_sec=s.bad_input_log_period_s)
+        return pose
 
     def _loop(self) -> None:
         while not self.slot.closed:
@@ -149,11 +157,11 @@ class FrameWorker:
             return Encoded(stamp_ns, None, StageTimings(),
                            Result(Status.ERROR, message=f'{type(exc).__name__}: {exc}'))
 
-    def _match(self, loc: Localizer, frame: Encoded, query: bool) -> Result:
+    def _match(self, loc: Localizer, frame: Encoded, query: bool, frame_id: str = '') -> Result:
         """Stages 3-6 under the pipeline lock (a reset asked for meanwhile is applied first)."""
         self._apply_pending_reset(loc)
         try:
-            pose = None if query else self.pose_at(frame.stamp_ns)
+            pose = None if query else self.pose_at(frame.stamp_ns, frame_id)
             return loc.match(frame, pose, query_only=query)
         except Exception as exc:
             return Result(Status.ERROR, message=f'{type(exc).__name__}: {exc}')
@@ -186,7 +194,7 @@ class FrameWorker:
         with self._pipeline_lock:
             if self.localizer is not loc or not self.active:
                 return
-            result = frame.failure or self._match(loc, frame, query=False)
+            result = frame.failure or self._match(loc, frame, query=False, frame_id=msg.header.frame_id)
             self._apply_pending_reset(loc)
             self._report(result)
             self._publish(msg, result, frame.stamp_ns)
