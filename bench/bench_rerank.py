@@ -6,9 +6,12 @@ Tokens: the default ViT-S/14 at 322 on Corridor frames (query i against referenc
 fp16 exactly as a place map keeps them (`--synthetic` uses unit-norm random tokens with shared structure instead).
 Methods, run interleaved (one repetition of each in turn) so background load hits them alike; medians reported:
 * official: fol-method §9.2 written out: zero-padded to 3600, M = K x 3600 x 3600 at once, both argmaxes, a
-  Python loop with nonzero() and the elementwise threshold (quirk A mirrored by everybody for the comparison);
-* fused: `fol_ros.rerank.mutual_nn_counts` (tiled, exact);
+  Python loop with nonzero() and the elementwise threshold (quirk A fixed, as in every method here: a single
+  pair counts 1; it changes nothing in the timing);
+* fused: `fol_ros.rerank.mutual_nn_counts(kernel='fp32')` (tiled fp32 GEMM, exact);
+* bf16: `mutual_nn_counts(kernel='bf16')` (bf16 screen, every decision checked in fp32; fol_ros.mutual_nn_bf16);
 * faiss (--faiss): IndexFlatIP k=1 both ways on the same fp32 tokens (the GEMM twice; ties are faiss's own).
+The FLOP bound is the fp32 one for every method (the bf16 kernel is faster than it where the CPU has bf16).
 The FLOP bound is 2 * K * L_q * mean(L_c) * 128 at an fp32 GEMM rate measured in the same run on fused-sized tiles.
 Workspace: the analytic size of what each method holds at once (similarity matrix or tile plus per-row results).
 Writes bench/results/rerank-<host>.json and prints a table.
@@ -79,16 +82,15 @@ def official(q: np.ndarray, cands: list[np.ndarray], pad: int = OFFICIAL_PAD, th
     valid = max2.gather(1, max1) == torch.arange(pad)[None]
     scores = np.zeros(len(cands), np.int64)
     for k in range(len(cands)):
-        idx1 = torch.nonzero(valid[k]).squeeze()
-        if idx1.dim() == 1:
-            idx2 = max1[k, idx1]
-            sims = (fm1[idx1] * fm2[k, idx2]).sum(-1)
-            scores[k] = int((sims > threshold).sum())
+        idx1 = torch.nonzero(valid[k]).reshape(-1)
+        idx2 = max1[k, idx1]
+        sims = (fm1[idx1] * fm2[k, idx2]).sum(-1)
+        scores[k] = int((sims > threshold).sum())
     return scores
 
 
 def faiss_both_ways(q: np.ndarray, cands: list[np.ndarray], threshold: float = 0.7) -> np.ndarray:
-    """Mutual NN with faiss IndexFlatIP k=1 in both directions (quirk A mirrored)."""
+    """Mutual NN with faiss IndexFlatIP k=1 in both directions."""
     import faiss
     qf = np.ascontiguousarray(q, np.float32)
     qi = faiss.IndexFlatIP(qf.shape[1])
@@ -102,8 +104,7 @@ def faiss_both_ways(q: np.ndarray, cands: list[np.ndarray], threshold: float = 0
         sim, best_q = qi.search(cf, 1)          # best query token of each candidate row
         rows = np.arange(len(cf))
         mutual = best_c[best_q[:, 0], 0] == rows
-        n_mutual = int(mutual.sum())
-        scores[k] = 0 if n_mutual == 1 else int((sim[mutual, 0] > threshold).sum())
+        scores[k] = int((sim[mutual, 0] > threshold).sum())
     return scores
 
 
@@ -128,6 +129,9 @@ def workspace_mb(method: str, lq: int, lcs: list[int]) -> float:
         return (k * OFFICIAL_PAD ** 2 * 4 + (k + 1) * OFFICIAL_PAD * 128 * 4) / 2 ** 20
     lqp = mutual_nn.padded(lq)
     rows = sum(mutual_nn.padded(n) for n in lcs)
+    if method == 'bf16':    # one candidate's bf16 similarities + its fp32 copy + block maxima + query
+        return (max(padded_c := [mutual_nn.padded(n) for n in lcs]) * lqp * 2 + max(padded_c) * 128 * 4
+                + max(padded_c) * lqp * 2 // 64 * 2 + lqp * 128 * 6) / 2 ** 20
     if method == 'fused':   # tile + per-row max/argmax + per-candidate column maxima + query
         r = mutual_nn.tile_rows(lqp, 512.0)
         return (r * lqp * 4 + r * 128 * 4 + rows * 12 + k * lqp * 4 + lqp * 128 * 4) / 2 ** 20
@@ -138,7 +142,8 @@ def run(args: argparse.Namespace) -> dict:
     tokens = (synthetic_tokens if args.synthetic else corridor_tokens)(max(args.k) + 1)
     q, refs = tokens[0], tokens[1:]
     methods = {'official': lambda c: official(q, c),
-               'fused': lambda c: mutual_nn_counts(q, c, single_match_quirk=True)}
+               'fused': lambda c: mutual_nn_counts(q, c, kernel='fp32'),
+               'bf16': lambda c: mutual_nn_counts(q, c, kernel='bf16')}
     if args.faiss:
         methods['faiss'] = lambda c: faiss_both_ways(q, c)
     rows = []
@@ -169,7 +174,8 @@ def run(args: argparse.Namespace) -> dict:
                 entry.update(ms=round(ms, 1), all_ms=[round(t, 1) for t in times[m]], x_bound=round(ms / bound_ms, 2),
                              speedup_vs_official=None if ref is None else
                              round(statistics.median(times['official']) / ms, 2),
-                             counts_equal_official=None if ref is None else bool(np.array_equal(counts[m], ref)))
+                             counts_equal_official=None if ref is None else bool(np.array_equal(counts[m], ref)),
+                             counts_equal_fused=bool(np.array_equal(counts[m], counts['fused'])))
             else:
                 entry.update(ms=None, skipped=f'workspace above --official-max-gb {args.official_max_gb}')
             row['methods'][m] = entry
@@ -192,7 +198,7 @@ def machine() -> dict:
 
 
 HEADER = (f'{"K":>4} {"method":>9} {"ms":>8} {"x bound":>8} {"vs official":>12} {"workspace MB":>13} '
-          f'{"counts = official":>18}')
+          f'{"counts = official":>18} {"= fused":>8}')
 
 
 def _lines(r: dict) -> str:
@@ -203,7 +209,7 @@ def _lines(r: dict) -> str:
         xb = '-' if e['ms'] is None else f'{e["x_bound"]:.2f}'
         sp = '-' if e.get('speedup_vs_official') is None else f'{e["speedup_vs_official"]:.2f}x'
         out.append(f'{r["k"]:>4} {m:>9} {ms:>8} {xb:>8} {sp:>12} {e["workspace_mb"]:>13.0f} '
-                   f'{str(e.get("counts_equal_official")):>18}')
+                   f'{str(e.get("counts_equal_official")):>18} {str(e.get("counts_equal_fused")):>8}')
     return '\n'.join(out)
 
 

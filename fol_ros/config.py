@@ -22,6 +22,7 @@ VERIFY_METHODS = ('none', 'fundamental', 'homography', 'essential')
 GATE_THRESHOLDS = ('auto', 'fixed')
 MODES = ('localization', 'mapping')
 POSE_SOURCES = ('odom', 'tf')
+RERANK_KERNELS = ('auto', 'fp32', 'bf16')
 RELIABILITIES = ('best_effort', 'reliable')
 PATCH = 14
 MIN_INPUT = 294  # smallest size whose local tokens always fit the 3600-row budget (fol-method §5)
@@ -204,6 +205,9 @@ class RerankConfig:
                                           low=-1.0, high=1.0)
     memory_budget_mb: float = setting(512.0, 'bound on the similarity workspace', unit='MB', low=1.0)
     device: str = setting('cpu', 'cpu | cuda | auto')
+    kernel: str = setting('auto', 'similarity kernel: fp32 (tiled GEMM) or bf16 (bf16 screen, every decision '
+                          'checked in fp32: the same counts, faster where the CPU has bf16 instructions); auto = '
+                          'bf16 on such CPUs, else fp32', choices=RERANK_KERNELS, live=True)
 
     def __post_init__(self) -> None:
         _validated(self)

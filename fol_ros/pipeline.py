@@ -192,7 +192,7 @@ def verify(encoding: Encoding, ranked: Reranked, place_map, config: VerifyConfig
         else:
             local = place_map.local_tokens(cand.place_id)[0]
             iq, ic = mutual_nn_pairs(encoding.local, local, rerank_config.similarity_threshold,
-                                     rerank_config.memory_budget_mb, rerank_config.device)
+                                     rerank_config.memory_budget_mb, rerank_config.device, rerank_config.kernel)
         verified.add(cand.place_id)
         if len(iq) < config.min_matches:
             continue  # too few pairs for RANSAC: 0 inliers

@@ -8,7 +8,8 @@ local tokens whose cosine similarity is > threshold (0.7, strict). Fixes over th
 
 The official code builds M = K x L x L at once (5.2 GB for K=100). `fol_ros.mutual_nn` computes the same pairs
 tile by tile (the similarity tile, both maxima and the mutual test fused per tile, exact in fp32), so the
-workspace is one tile of at most `memory_budget_mb`.
+workspace is one tile of at most `memory_budget_mb`. On CPUs with bf16 instructions `fol_ros.mutual_nn_bf16`
+screens in bf16 and decides every maximum in fp32: the same pairs, faster (`kernel`: auto | fp32 | bf16).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import torch
 
 from fol_ros.config import RerankConfig
 from fol_ros.errors import ConfigError
+from fol_ros import mutual_nn_bf16
 from fol_ros.mutual_nn import Matches, match
 from fol_ros.records import Candidate, Encoding
 
@@ -35,8 +37,16 @@ def _device(device: str) -> torch.device:
     return dev
 
 
+def use_bf16(kernel: str, dev: torch.device) -> bool:
+    """Whether `kernel` (auto | fp32 | bf16) runs the bf16 screen on `dev` (CPU only)."""
+    if kernel not in ('auto', 'fp32', 'bf16'):
+        raise ConfigError(f'rerank kernel {kernel!r}: use auto, fp32 or bf16')
+    return dev.type == 'cpu' and (kernel == 'bf16' or (kernel == 'auto' and mutual_nn_bf16.cpu_has_fast_bf16()))
+
+
 def mutual_nn_match(query_local: np.ndarray, cand_locals: Sequence[np.ndarray], threshold: float = 0.7,
-                    budget_mb: float = 512.0, device: str = 'cpu', single_match_quirk: bool = False) -> Matches:
+                    budget_mb: float = 512.0, device: str = 'cpu', single_match_quirk: bool = False,
+                    kernel: str = 'auto') -> Matches:
     """FoL local score of each candidate and the token pairs it counts (`Matches`), in one pass.
 
     Args:
@@ -45,21 +55,30 @@ def mutual_nn_match(query_local: np.ndarray, cand_locals: Sequence[np.ndarray], 
         budget_mb: bound on the similarity workspace (one tile of rows x query tokens, at least 64 rows).
         device: 'cpu', 'cuda', 'cuda:N' or 'auto'.
         single_match_quirk: mirror official quirk A (exactly one MNN scores 0) for bit parity.
+        kernel: auto | fp32 | bf16 (`use_bf16`); the result is the same, the bf16 screen is skipped where it
+            does not apply (quirk A, threshold <= 0.1, non-finite tokens).
     """
+    dev = _device(device)
     with torch.inference_mode():
-        return match(query_local, cand_locals, threshold, budget_mb, _device(device), single_match_quirk)
+        if (use_bf16(kernel, dev) and not single_match_quirk
+                and mutual_nn_bf16.usable(query_local, cand_locals, threshold)):
+            return mutual_nn_bf16.match(query_local, cand_locals, threshold, budget_mb, dev)
+        return match(query_local, cand_locals, threshold, budget_mb, dev, single_match_quirk)
 
 
 def mutual_nn_counts(query_local: np.ndarray, cand_locals: Sequence[np.ndarray], threshold: float = 0.7,
-                     budget_mb: float = 512.0, device: str = 'cpu', single_match_quirk: bool = False) -> np.ndarray:
+                     budget_mb: float = 512.0, device: str = 'cpu', single_match_quirk: bool = False,
+                     kernel: str = 'auto') -> np.ndarray:
     """FoL local score of each candidate: the number of MNN token pairs with cosine > threshold, int64 [K]."""
-    return mutual_nn_match(query_local, cand_locals, threshold, budget_mb, device, single_match_quirk).counts
+    return mutual_nn_match(query_local, cand_locals, threshold, budget_mb, device, single_match_quirk,
+                           kernel).counts
 
 
 def mutual_nn_pairs(query_local: np.ndarray, cand_local: np.ndarray, threshold: float = 0.7,
-                    budget_mb: float = 512.0, device: str = 'cpu') -> tuple[np.ndarray, np.ndarray]:
+                    budget_mb: float = 512.0, device: str = 'cpu',
+                    kernel: str = 'auto') -> tuple[np.ndarray, np.ndarray]:
     """The MNN pairs counted by `mutual_nn_counts` for one candidate: (query token rows, candidate token rows)."""
-    return mutual_nn_match(query_local, [cand_local], threshold, budget_mb, device).pairs[0]
+    return mutual_nn_match(query_local, [cand_local], threshold, budget_mb, device, kernel=kernel).pairs[0]
 
 
 def rerank(candidates: Sequence[Candidate] | np.ndarray, scores: np.ndarray) -> np.ndarray:
@@ -105,7 +124,7 @@ def rerank_candidates(query: Encoding, candidates: list[Candidate], place_map,
     head, tail = list(candidates[:config.top_k]), list(candidates[config.top_k:])
     locals_ = [place_map.local_tokens(c.place_id)[0] for c in head]
     found = mutual_nn_match(query.local, locals_, config.similarity_threshold, config.memory_budget_mb,
-                            config.device)
+                            config.device, kernel=config.kernel)
     for cand, count in zip(head, found.counts):
         cand.local_matches = int(count)
     order = rerank(head, found.counts)

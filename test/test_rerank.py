@@ -201,5 +201,110 @@ def test_counts_equal_the_official_formulation_on_real_corridor_tokens(corridor_
     assert all(len(c) % 64 for c in cands) or len(q) % 64     # ragged, unaligned lengths exercise the padding
     official = _official_counts(q, cands)
     assert min(official) > 20
-    assert mutual_nn_counts(q, cands).tolist() == official
-    assert mutual_nn_counts(q, cands, budget_mb=1.0).tolist() == official    # 64-row tiles
+    for kernel in ('fp32', 'bf16'):
+        assert mutual_nn_counts(q, cands, kernel=kernel).tolist() == official, kernel
+    assert mutual_nn_counts(q, cands, budget_mb=1.0, kernel='fp32').tolist() == official    # 64-row tiles
+    fp32, bf16 = _fp32_and_bf16(q, cands)
+    _assert_same(fp32, bf16)
+
+
+# --- the bf16 screen (fol_ros.mutual_nn_bf16): the fp32 counts and pairs, whatever the CPU ------------------------
+
+def _fp32_and_bf16(q, cands, thr=0.7):
+    import torch
+
+    from fol_ros import mutual_nn, mutual_nn_bf16
+    dev = torch.device('cpu')
+    with torch.inference_mode():
+        return (mutual_nn.match(q, cands, thr, 512.0, dev), mutual_nn_bf16.match(q, cands, thr, 512.0, dev))
+
+
+def _assert_same(a, b):
+    assert a.counts.tolist() == b.counts.tolist()
+    for (qa, ca), (qb, cb) in zip(a.pairs, b.pairs):
+        assert qa.tolist() == qb.tolist() and ca.tolist() == cb.tolist()
+
+
+@pytest.fixture
+def decisions(monkeypatch):
+    """Counts how many rows and columns the bf16 screen had to hand to the fp32 GEMM (near ties)."""
+    from fol_ros import mutual_nn, mutual_nn_bf16
+    seen = {'rows': 0, 'cols': 0}
+    rows, cols = mutual_nn_bf16._gemm_row_argmax, mutual_nn._first_argmax_of_columns
+
+    def row_wrap(cand, q, r, n):
+        seen['rows'] += len(r)
+        return rows(cand, q, r, n)
+
+    def col_wrap(cand, lc, q, c, chunk):
+        seen['cols'] += len(c)
+        return cols(cand, lc, q, c, chunk)
+    monkeypatch.setattr(mutual_nn_bf16, '_gemm_row_argmax', row_wrap)
+    monkeypatch.setattr(mutual_nn, '_first_argmax_of_columns', col_wrap)
+    return seen
+
+
+@pytest.mark.parametrize('seed', [0, 1, 2])
+def test_bf16_screen_equals_fp32_on_ragged_random_inputs(seed):
+    rng = np.random.default_rng(seed)
+    q = _unit(rng.normal(size=(150, 128))).astype(np.float32)
+    cands = [_related(rng, q, int(rng.integers(1, 200)), rng.uniform(0, 0.9), rng.uniform(0.05, 1.0) / np.sqrt(128))
+             for _ in range(8)] + [np.zeros((0, 128), np.float32)]
+    fp32, bf16 = _fp32_and_bf16(q, cands)
+    assert fp32.counts.max() > 20 and (fp32.counts == 0).sum() >= 1
+    _assert_same(fp32, bf16)
+    assert bf16.counts.tolist() == [len(reference_pairs(q, c)) for c in cands]
+
+
+def test_bf16_screen_is_exact_on_adversarial_near_ties(decisions):
+    """Candidates whose similarities differ from each other by 1e-3 .. 1e-8 (far inside bf16's error), exact
+    duplicates, and pairs whose cosine sits within float rounding of the threshold: the result must be the fp32
+    one, and the near ties must actually have gone to the fp32 GEMM."""
+    rng = np.random.default_rng(4)
+    q = _unit(rng.normal(size=(256, 128))).astype(np.float32)
+    cands = []
+    for eps in (1e-3, 1e-5, 1e-7, 0.0):
+        base = q[rng.permutation(256)[:120]]
+        twins = [_unit(base + eps * rng.normal(size=base.shape)) for _ in range(2)]
+        cands.append(np.concatenate(twins + [_unit(rng.normal(size=(30, 128)))]).astype(np.float32))
+    q_dup = np.concatenate([q, q[:40] + 1e-7 * rng.normal(size=(40, 128)).astype(np.float32)])
+    # cosine exactly around 0.7 with q[0]: a + b with a along q[0]
+    ortho = _unit(rng.normal(size=(64, 128)) - (rng.normal(size=(64, 128)) @ q[0])[:, None] * q[0])
+    for cos in (0.7 - 1e-7, 0.7, 0.7 + 1e-7):
+        ortho_part = ortho - (ortho @ q[0])[:, None] * q[0]
+        ortho_part = _unit(ortho_part)
+        cands.append((cos * q[0] + np.sqrt(1 - cos ** 2) * ortho_part).astype(np.float32))
+    for query in (q, q_dup):
+        fp32, bf16 = _fp32_and_bf16(query, cands)
+        _assert_same(fp32, bf16)
+    assert fp32.counts[:4].min() > 20
+    assert decisions['rows'] > 50 and decisions['cols'] > 10     # the fp32 fallbacks ran
+
+
+def test_bf16_screen_on_one_hot_tokens_and_fallbacks():
+    """Exact ties everywhere (one-hot: every similarity 0 or 1 in every precision); quirk A and thresholds <= 0.1
+    take the fp32 path, with the same public results."""
+    rng = np.random.default_rng(2)
+    eye = np.eye(8, dtype=np.float32)
+    q = eye[rng.integers(0, 6, 40)]
+    cands = [eye[rng.integers(0, 8, int(n))] for n in rng.integers(1, 30, 6)]
+    fp32, bf16 = _fp32_and_bf16(q, cands)
+    _assert_same(fp32, bf16)
+    assert bf16.counts.tolist() == [len(reference_pairs(q, c)) for c in cands]
+    same = np.array([[1.0, 0.0]], np.float32)
+    assert mutual_nn_counts(same, [same], single_match_quirk=True, kernel='bf16').tolist() == [0]
+    assert mutual_nn_counts(q, cands, 0.05, kernel='bf16').tolist() == mutual_nn_counts(q, cands, 0.05,
+                                                                                       kernel='fp32').tolist()
+
+
+def test_bf16_kernel_choice():
+    import torch
+
+    from fol_ros.errors import ConfigError
+    from fol_ros.mutual_nn_bf16 import cpu_has_fast_bf16
+    from fol_ros.rerank import use_bf16
+    cpu = torch.device('cpu')
+    assert use_bf16('auto', cpu) == cpu_has_fast_bf16()
+    assert use_bf16('bf16', cpu) and not use_bf16('fp32', cpu) and not use_bf16('bf16', torch.device('cuda'))
+    with pytest.raises(ConfigError, match='auto, fp32 or bf16'):
+        use_bf16('fp16', cpu)

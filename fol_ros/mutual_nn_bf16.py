@@ -1,0 +1,240 @@
+"""Mutual nearest neighbours screened in bf16 and decided in fp32: the exact fp32 counts, faster (issue 14.2).
+
+On CPUs with bf16 dot-product instructions (avx512_bf16, amx_bf16) a bf16 GEMM runs 3-4x faster than fp32. Its
+values are off by a bounded amount, so it cannot decide a maximum by itself; it can say which few entries might
+be one. Per candidate:
+
+1. B = bf16(c) @ bf16(q)^T (fp32 accumulation, one rounding of the output to bf16), tiled into one buffer.
+2. A rigorous bound E_i >= |B_ij - c_i.q_j| for every entry of row i (`entry_bound`): the inputs' rounding by
+   Cauchy-Schwarz with the tokens' actual residual norms, the fp32 accumulation (Higham's gamma_128) and the output
+   rounding (half an ulp of bf16 below 1).
+3. Row i's fp32-GEMM argmax can only be an entry with B_ij >= max_j B_ij - 2 E_i - 2 gamma_i: about 4 of ~3,400
+   columns on real tokens. Those are found on 64-column block maxima (bf16 compares as int16 for positive values)
+   and evaluated in fp32. When the best beats the second by more than the fp32 error of both evaluations, the
+   fp32 GEMM has the same argmax; otherwise (a near tie, ~0.3 % of rows) the row is recomputed with the fp32 GEMM
+   exactly as `mutual_nn` computes it, and the first maximum taken.
+4. The same for the column of each row's best query token (the mutual test), among the rows within the bound of
+   the column's bf16 maximum; near ties go to `mutual_nn`'s exact column recompute.
+5. The official threshold test on the mutual pairs, as in `mutual_nn`.
+
+Only rows that can still count are decided: a row whose bf16 maximum is below threshold - E_i - 2 x the official
+dot margin can neither pass the threshold nor beat a pair that does in its column. The int16 view needs a positive
+threshold (> 0.1): with a lower one, quirk A or non-finite tokens `match` runs the fp32 path instead.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from fol_ros import mutual_nn
+from fol_ros.mutual_nn import Matches, padded
+
+BLOCK = 64                       # columns per block maximum (Lq is padded to a multiple of it)
+TILE_ROWS = 1024                 # rows per bf16 GEMM call
+MIN_THRESHOLD = 0.1
+_NONE = np.iinfo(np.int64).max
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU multiplies bf16 in hardware (x86 avx512_bf16 / amx_bf16; Arm bf16): otherwise torch
+    emulates it, slower than fp32."""
+    try:
+        text = open('/proc/cpuinfo').read()
+    except OSError:
+        return False
+    flags = set(text.split())
+    return bool(flags & {'avx512_bf16', 'amx_bf16', 'bf16'})
+
+
+def gamma(n: int) -> float:
+    """Higham's gamma_n for fp32: |computed - exact| <= gamma_n sum |a_k b_k| for an n-term dot product."""
+    u = 2.0 ** -24
+    return n * u / (1 - n * u)
+
+
+def usable(query: np.ndarray, cands: Sequence[np.ndarray], threshold: float) -> bool:
+    """Whether the bf16 screen applies: threshold > 0.1 and finite tokens."""
+    return (threshold > MIN_THRESHOLD and len(query) > 0 and bool(np.isfinite(query).all())
+            and all(np.isfinite(c).all() for c in cands))
+
+
+def _as_float(bits: np.ndarray) -> np.ndarray:
+    """bf16 bit patterns (int16) -> float32."""
+    return (bits.astype(np.int32) << 16).view(np.float32)
+
+
+def _bits_below(value: np.ndarray) -> np.ndarray:
+    """int16 pattern of the largest bf16 <= value (value > 0): positive bf16 order like their int16 patterns."""
+    return (np.asarray(value, np.float32).view(np.int32) >> 16).astype(np.int16)
+
+
+def _norms(a: np.ndarray) -> np.ndarray:
+    return np.sqrt(np.einsum('ij,ij->i', a, a, dtype=np.float64))
+
+
+def entry_bound(c_res: np.ndarray, c_norm: np.ndarray, cb_norm: np.ndarray, q_res: float, qb_norm: float,
+                row_max: np.ndarray, dim: int) -> np.ndarray:
+    """E_i >= |B_ij - c_i.q_j| for all j of row i (float64 [R]), from the tokens' norms (`token_norms`).
+
+    c.q - c_b.q_b = (c - c_b).q_b + c.(q - q_b); the fp32 accumulation of c_b.q_b adds gamma |c_b| |q_b|; the output
+    is rounded to bf16: half an ulp, 2^-9 below 1, 2^-8 in [1, 2) (row_max, the row's bf16 maximum, says which:
+    the bound is used only for entries near the row maximum and for the true maximum, itself within E of it).
+    """
+    out_round = np.where(row_max < 0.99, 2.0 ** -9, 2.0 ** -8)
+    return (c_res * qb_norm + c_norm * q_res + gamma(dim) * cb_norm * qb_norm) * (1 + 1e-3) + out_round + 1e-9
+
+
+def token_norms(x: np.ndarray, x_b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per token: |x - bf16(x)| (exact in fp32: the rounding drops low bits), |x|, and |x| + |x - bf16(x)| >=
+    |bf16(x)|."""
+    res, norm = _norms(x - x_b), _norms(x)
+    return res, norm, norm + res
+
+
+def _first_best(values: np.ndarray, index: np.ndarray, starts: np.ndarray, groups: int):
+    """Per group (consecutive runs starting at `starts`): best value, first index reaching it, second best, and
+    whether the best is reached more than once."""
+    best = np.maximum.reduceat(values, starts)[:groups]
+    at_best = values == np.repeat(best, np.diff(np.append(starts, len(values))))
+    first = np.minimum.reduceat(np.where(at_best, index, _NONE), starts)[:groups]
+    second = np.maximum.reduceat(np.where(at_best, -np.inf, values), starts)[:groups]
+    ties = np.add.reduceat(at_best.astype(np.int64), starts)[:groups] > 1
+    return best, first, second, ties
+
+
+def _exact_dots(a: np.ndarray, ai: np.ndarray, b: np.ndarray, bi: np.ndarray) -> np.ndarray:
+    return np.einsum('ij,ij->i', a[ai], b[bi]).astype(np.float64)
+
+
+def _gemm_row_argmax(cand: torch.Tensor, q: torch.Tensor, rows: np.ndarray, query_len: int) -> np.ndarray:
+    """First fp32-GEMM argmax of the given candidate rows, bit-identical to `mutual_nn`'s tiles (rows gathered
+    and padded to ALIGN, never the 1-wide GEMV path)."""
+    out = np.empty(len(rows), np.int64)
+    step = 1024
+    for r0 in range(0, len(rows), step):
+        part = rows[r0:r0 + step]
+        idx = np.zeros(padded(len(part)), np.int64)
+        idx[:len(part)] = part
+        sim = cand[torch.from_numpy(idx)] @ q.T
+        out[r0:r0 + len(part)] = sim[:len(part), :query_len].argmax(1).numpy()
+    return out
+
+
+def _row_argmax(bits: np.ndarray, lc: int, lq: int, bound: np.ndarray, live: np.ndarray, c32: np.ndarray,
+                q32: np.ndarray, cand_t: torch.Tensor, q_t: torch.Tensor, gamma_row: np.ndarray,
+                block_max: np.ndarray) -> np.ndarray:
+    """fp32-GEMM first argmax (query column) of each live row, -1 for the others."""
+    rows = np.nonzero(live)[0]
+    arg = np.full(lc, -1, np.int64)
+    if len(rows) == 0:
+        return arg
+    row_max = _as_float(block_max[rows].max(1))
+    floor = _bits_below(row_max - 2 * bound[rows] - 2 * gamma_row[rows])
+    bi, bj = np.nonzero(block_max[rows] >= floor[:, None])          # candidate blocks, row-major
+    blocks = bits[:lc].reshape(lc, -1, BLOCK)[rows[bi], bj]          # [n blocks, 64]
+    k, col = np.nonzero(blocks >= floor[bi][:, None])
+    ri, cj = bi[k], bj[k] * BLOCK + col                               # candidate (row position, column), row-major
+    inside = cj < lq
+    ri, cj = ri[inside], cj[inside]
+    vals = _exact_dots(c32, rows[ri], q32, cj)
+    starts = np.searchsorted(ri, np.arange(len(rows)))
+    best, first, second, ties = _first_best(vals, cj, starts, len(rows))
+    # fp32 einsum and fp32 GEMM are each within gamma |c||q| of the exact dot: a gap above 4 gamma decides
+    near = ties | (best - second <= 4 * gamma_row[rows])
+    arg[rows] = first
+    if near.any():
+        arg[rows[near]] = _gemm_row_argmax(cand_t, q_t, rows[near], lq)
+    return arg
+
+
+def _column_first_argmax(bits: np.ndarray, col_blocks: np.ndarray, lc: int, cols: np.ndarray, bound_max: float,
+                         gamma_max: float, c32: np.ndarray, q32: np.ndarray, cand_t: torch.Tensor,
+                         q_t: torch.Tensor, chunk: int) -> np.ndarray:
+    """fp32-GEMM first argmax (candidate row) of each query column in `cols`; col_blocks: maxima of `bits` over
+    blocks of BLOCK rows [n blocks, Lq] (padding rows are zeros: never above a positive floor)."""
+    blocks_of = col_blocks[:, cols]                                  # [n row blocks, n cols]
+    col_max = _as_float(blocks_of.max(0))
+    floor = _bits_below(np.maximum(col_max - 2 * bound_max - 2 * gamma_max, np.float32(2.0 ** -126)))
+    rb, ci = np.nonzero(blocks_of >= floor[None, :])
+    runs = bits.reshape(-1, BLOCK, bits.shape[1])[rb, :, cols[ci]]     # [n, BLOCK] rows of each candidate block
+    k, off = np.nonzero(runs >= floor[ci][:, None])
+    ri, ci = rb[k] * BLOCK + off, ci[k]
+    order = np.lexsort((ri, ci))                                     # group by column, rows ascending
+    ri, ci = ri[order], ci[order]
+    vals = _exact_dots(c32, ri, q32, cols[ci])
+    starts = np.searchsorted(ci, np.arange(len(cols)))
+    best, first, second, ties = _first_best(vals, ri, starts, len(cols))
+    near = ties | (best - second <= 4 * gamma_max)
+    if near.any():
+        first[near] = mutual_nn._first_argmax_of_columns(cand_t, lc, q_t, cols[near], chunk)
+    return first
+
+
+def match(query: np.ndarray, cands: Sequence[np.ndarray], threshold: float, budget_mb: float,
+          dev: torch.device) -> Matches:
+    """Counted mutual-NN pairs of every candidate, equal to `mutual_nn.match` (fp32) by construction (module doc).
+
+    Needs `usable(...)`; the workspace is one candidate's bf16 similarity matrix (23 MB at 3,400 tokens).
+    """
+    q32 = mutual_nn._fp32_padded(query)
+    lq, lq_pad, dim = len(query), q32.shape[0], q32.shape[1]
+    q_t = torch.from_numpy(q32).to(dev)
+    q_b = q_t.to(torch.bfloat16)
+    q_res, _, qb_norm = (float(v.max()) for v in token_norms(q32, q_b.float().cpu().numpy()))
+    norm_q = mutual_nn._max_norm(q32)
+    longest = max((padded(len(c)) for c in cands), default=mutual_nn.ALIGN)
+    sim = torch.empty((longest, lq_pad), dtype=torch.bfloat16, device=dev)
+    chunk = max(mutual_nn.ALIGN, mutual_nn.tile_rows(lq_pad, budget_mb) * lq_pad // longest
+                // mutual_nn.ALIGN * mutual_nn.ALIGN)
+    empty = (np.zeros(0, np.int64), np.zeros(0, np.int64))
+    counts, pairs = np.zeros(len(cands), np.int64), []
+    for k, cand in enumerate(cands):
+        lc = len(cand)
+        if lc == 0:
+            pairs.append(empty)
+            continue
+        c32 = mutual_nn._fp32_padded(cand)
+        cand_t = torch.from_numpy(c32).to(dev)
+        c_b = cand_t.to(torch.bfloat16)
+        n_pad = c32.shape[0]
+        for r0 in range(0, n_pad, TILE_ROWS):
+            r1 = min(n_pad, r0 + TILE_ROWS)
+            torch.matmul(c_b[r0:r1], q_b.T, out=sim[r0:r1])
+        bits_t = sim[:n_pad].view(torch.int16)
+        bits = bits_t.cpu().numpy()
+        block_max = bits_t[:lc].view(lc, -1, BLOCK).amax(2).numpy()
+        col_blocks = bits_t.view(-1, BLOCK, lq_pad).amax(1).numpy()
+        row_max = _as_float(block_max.max(1))
+        c_res, norm_c, cb_norm = token_norms(c32[:lc], c_b[:lc].float().cpu().numpy())
+        bound = entry_bound(c_res, norm_c, cb_norm, q_res, qb_norm, row_max, dim)
+        gamma_row = gamma(dim) * norm_c * norm_q * (1 + 1e-3) + 1e-12
+        margin = mutual_nn.dot_margin(q32.shape[1], norm_q, float(norm_c.max()))
+        live = row_max >= threshold - bound - 2 * margin
+        if not (row_max[live] - 2 * bound[live] - 2 * gamma_row[live] > 0).all():
+            # tokens far from unit norm: the bound reaches below zero, where bf16 patterns stop ordering like
+            # int16; this candidate takes the fp32 path
+            one = mutual_nn.match(query, [cand], threshold, budget_mb, dev)
+            counts[k] = one.counts[0]
+            pairs.append(one.pairs[0])
+            continue
+        j = _row_argmax(bits, lc, lq, bound, live, c32, q32, cand_t, q_t, gamma_row, block_max)
+        ic = np.nonzero(live)[0]
+        if len(ic) == 0:
+            pairs.append(empty)
+            continue
+        jq = j[ic]
+        cols, where = np.unique(jq, return_inverse=True)
+        owner = _column_first_argmax(bits, col_blocks, lc, cols, float(bound.max()), float(gamma_row.max()), c32, q32,
+                                     cand_t, q_t, chunk)
+        mutual = owner[where] == ic
+        ic, jq = ic[mutual], jq[mutual]
+        iq_t, ic_t = torch.from_numpy(jq).to(dev), torch.from_numpy(ic).to(dev)
+        keep = ((q_t[iq_t] * cand_t[ic_t]).sum(-1) > threshold).cpu().numpy()
+        order = np.argsort(jq[keep], kind='stable')
+        pairs.append((jq[keep][order], ic[keep][order]))
+        counts[k] = int(keep.sum())
+    return Matches(counts, pairs)
