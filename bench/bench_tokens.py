@@ -96,6 +96,7 @@ def run_set(name: str, settings: list[str], k: int, step: int, tmp: pathlib.Path
     config = RerankConfig(top_k=k)
     ranked = {s: [] for s in maps}
     margins = []   # fp32: best count - second best count (a close call flips on any change of the tokens)
+    counts = {s: [] for s in maps}
     times = {s: [] for s in maps}
     decode = {s: [] for s in maps}
     for j, q in enumerate(qs):
@@ -113,6 +114,7 @@ def run_set(name: str, settings: list[str], k: int, step: int, tmp: pathlib.Path
             decode[s].append((t1 - t0) * 1e3)
             times[s].append((t2 - t1) * 1e3)
             ranked[s].append([c.place_id for c in out.candidates])
+            counts[s].append({c.place_id: c.local_matches for c in out.candidates[:k]})
             if s == 'fp32':
                 margins.append(out.candidates[0].local_matches - out.candidates[1].local_matches)
         if j % 10 == 0:
@@ -123,6 +125,9 @@ def run_set(name: str, settings: list[str], k: int, step: int, tmp: pathlib.Path
         hits = _recall(ranked[s], ts.positives, qs)
         rows[s].update(recall_at_1_5_10=hits, correct_at_1_5_10=[round(h * len(qs)) for h in hits],
                        top1_agreement=float(np.mean([r[0] == b for r, b in zip(ranked[s], base)])),
+                       order_agreement=float(np.mean([r == f for r, f in zip(ranked[s], ranked['fp32'])])),
+                       max_count_change=int(max(abs(c[p] - f[p]) for c, f in zip(counts[s], counts['fp32'])
+                                                for p in f)),
                        rerank_ms=round(statistics.median(times[s]), 1),
                        tokens_read_ms=round(statistics.median(decode[s]), 2))
     return {'set': name, 'places': n, 'queries': len(qs), 'query_step': step, 'k': k,
@@ -139,13 +144,15 @@ def _print(result: dict) -> None:
           + f"; fp32 best-vs-second count margin: median {result['fp32_top1_margin_median']:.0f}, "
           f"<= 2 for {100 * result['fp32_top1_margin_le_2']:.0f} % of queries")
     print(f"{'tokens':>11} {'MB/place':>9} {'tok MB':>7} {'B/token':>8} {'R@1':>6} {'R@5':>6} {'R@10':>6} "
-          f"{'correct@1/5/10':>15} {'top1 = fp32':>11} {'rerank ms':>9} {'read ms':>8}")
+          f"{'correct@1/5/10':>15} {'top1 = fp32':>11} {'order = fp32':>12} {'max count diff':>14} {'rerank ms':>9} "
+          f"{'read ms':>8}")
     for s, r in result['settings'].items():
         mb = '-' if r['mb_per_place'] is None else f"{r['mb_per_place']:.3f}"
         rec = r['recall_at_1_5_10']
         print(f"{s:>11} {mb:>9} {r['token_mb_per_place']:>7.3f} {r['bytes_per_token']:>8.1f} {rec[0]:>6.3f} "
               f"{rec[1]:>6.3f} {rec[2]:>6.3f} {'/'.join(map(str, r['correct_at_1_5_10'])):>15} "
-              f"{r['top1_agreement']:>11.3f} {r['rerank_ms']:>9.0f} {r['tokens_read_ms']:>8.2f}")
+              f"{r['top1_agreement']:>11.3f} {r['order_agreement']:>12.3f} {r['max_count_change']:>14d} "
+              f"{r['rerank_ms']:>9.0f} {r['tokens_read_ms']:>8.2f}")
 
 
 def main() -> None:

@@ -235,3 +235,60 @@ def test_rerank_on_decoded_tokens_agrees_with_fp32():
     assert np.mean(np.array(top1['fp32']) == np.arange(n_queries) % n_places) > 0.9   # the set is meaningful
     assert agree['int8'] == 1.0 and all(rel), (agree, rel)
     assert agree['pq'] >= 0.95, agree
+
+
+def test_fp32_maps_keep_the_encoder_tokens_bit_for_bit_in_memory_in_the_log_and_on_disk(tmp_path):
+    """--tokens fp32 (issue 14.3): the exact tokens the official test compares, through every path a place takes
+    (in memory, append log, compaction, save, reload, a crash-free reopen), and old fp16 logs still read."""
+    rng = np.random.default_rng(8)
+    encs = [_enc(rng, 150 + 7 * i) for i in range(4)]
+    pmap = PlaceMap.create(MODEL, GD, LD, tokens='fp32')
+    for i, e in enumerate(encs[:2]):
+        pmap.add(e, i * 10 ** 9)
+    assert pmap.local_tokens(0)[0].dtype == np.float32
+    pmap.save(tmp_path / 'map')
+    meta = _meta(tmp_path / 'map')
+    assert meta['local_codec'] == {'kind': 'fp32'} and meta['local_dtype'] == 'float32'
+    live = PlaceMap.open_append(tmp_path / 'map', MODEL)
+    pid = live.add(encs[2], 2 * 10 ** 9)                        # logged as fp32
+    assert live.local_tokens(pid)[0].dtype == np.float32
+    live.close()
+    reopened = PlaceMap.open_append(tmp_path / 'map', MODEL)     # log replayed: the record says float32
+    assert np.array_equal(reopened.local_tokens(pid)[0], encs[2].local)
+    reopened.add(encs[3], 3 * 10 ** 9)
+    reopened.compact()
+    reopened.close()
+    back = PlaceMap.load(tmp_path / 'map', expect=MODEL)
+    assert back.token_encoding == 'fp32' and len(back) == 4
+    for i, e in enumerate(encs):
+        assert np.array_equal(back.local_tokens(i)[0], e.local)   # bit for bit, never through fp16
+    assert (tmp_path / 'map' / 'local.npy').stat().st_size > 4 * LD * sum(len(e.local) for e in encs)
+    # a new map created by open_append keeps fp32 from its first place
+    fresh = PlaceMap.open_append(tmp_path / 'fresh', MODEL, global_dim=GD, local_dim=LD, tokens='fp32')
+    fresh.add(encs[0], 0)
+    fresh.close()
+    assert np.array_equal(PlaceMap.open_append(tmp_path / 'fresh', MODEL).local_tokens(0)[0], encs[0].local)
+    with pytest.raises(MapError, match='fp16 or fp32'):
+        PlaceMap.create(MODEL, GD, LD, tokens='pq')
+
+
+def test_a_log_record_with_an_unknown_token_dtype_is_refused(tmp_path):
+    from fol_ros.search import store
+    pmap = PlaceMap.create(MODEL, GD, LD, tokens='fp32')
+    pmap.save(tmp_path / 'map')
+    live = PlaceMap.open_append(tmp_path / 'map', MODEL)
+    live.add(_enc(np.random.default_rng(1), 50), 0)
+    live.close()
+    log = tmp_path / 'map' / store.LOG_NAME
+    data = log.read_bytes()
+    assert data.count(b'"local_dtype": "float32"') == 1 or data.count(b'"local_dtype":"float32"') == 1
+    from fol_ros.search import storage
+    records, _, _ = storage.scan_log(data, str(log))
+    rec = records[0]
+    meta = dict(rec.meta, local_dtype='float64')
+    blobs_start = rec.blob_start
+    body = data[blobs_start:rec.end]
+    new, _ = storage.encode_record(storage.KIND_ADD, meta, [body])
+    log.write_bytes(new)
+    with pytest.raises(MapError, match="token dtype 'float64'"):
+        PlaceMap.load(tmp_path / 'map')

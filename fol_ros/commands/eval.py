@@ -38,7 +38,10 @@ def register(subparsers) -> None:
     d.add_argument('--batch-size', type=int, default=16, help='images per encoder call (official: 16)')
     d.add_argument('--recall-values', type=int, nargs='+', default=[1, 5, 10, 25, 100])
     d.add_argument('--rerank-budget-mb', type=float, default=512.0, help='re-ranking workspace bound')
-    d.add_argument('--work-dir', default='', help="folder for the fp16 token files ('' = temporary)")
+    d.add_argument('--work-dir', default='', help="folder for the token files ('' = temporary)")
+    d.add_argument('--tokens', choices=('fp16', 'fp32'), default='fp16',
+                   help='token storage: fp16 (as the node\'s maps) or fp32 (as the official test holds them: its '
+                        'exact re-ranking counts; twice the disk)')
     b = p.add_argument_group('rosbag protocol')
     b.add_argument('--image-topic', default='', help='sensor_msgs/Image or CompressedImage topic')
     b.add_argument('--pose-topic', default='', help='PoseStamped, PoseWithCovarianceStamped or Odometry topic')
@@ -77,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
         opts = DatasetEvalOptions(rerank_k=100 if args.rerank_k is None else args.rerank_k,
                                   recall_values=tuple(args.recall_values),
                                   batch_size=args.batch_size, memory_budget_mb=args.rerank_budget_mb,
-                                  rerank_device=resolve_device(config.engine.device), work_dir=args.work_dir)
+                                  rerank_device=resolve_device(config.engine.device), work_dir=args.work_dir,
+                                  tokens=args.tokens)
         result = evaluate_dataset(ds, encoder, opts)
         pairs = [] if args.no_report else report_pairs(result, ds, encoder, args.pairs)
     else:

@@ -68,9 +68,10 @@ estimated false-accept rate per query is at most 1 - --target-precision. The res
 
 
 def _token_options(parser, default) -> None:
-    parser.add_argument('--tokens', choices=('fp16', 'int8', 'pq'), default=default,
-                        help='how local tokens are stored: fp16 (exact as encoded in half precision, ~0.94 MB per '
-                             'place), int8 with a per-token scale (~0.5 MB), pq = product quantisation with an OPQ '
+    parser.add_argument('--tokens', choices=('fp16', 'fp32', 'int8', 'pq'), default=default,
+                        help='how local tokens are stored: fp16 (the encoder\'s tokens in half precision, ~0.94 MB '
+                             'per place), fp32 (exactly as encoded: the official re-ranking counts, ~1.8 MB), '
+                             'int8 with a per-token scale (~0.5 MB), pq = product quantisation with an OPQ '
                              'rotation trained on the map\'s tokens (~0.18 MB at --pq-m 32); see docs/maps.md'
                         + ('' if default else '; default: keep the map\'s encoding'))
     parser.add_argument('--pq-m', type=int, default=32,

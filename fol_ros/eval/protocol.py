@@ -37,6 +37,8 @@ class DatasetEvalOptions:
     memory_budget_mb: bound on the re-ranking similarity workspace.
     rerank_device: torch device for re-ranking ('cpu', 'cuda').
     work_dir: folder for the on-disk token storage ('' = a temporary folder, deleted afterwards).
+    tokens: how the database's local tokens are stored: fp16 (the node's maps) or fp32 (what the official test
+        holds in RAM: its exact counts).
     """
 
     rerank_k: int = 100
@@ -46,8 +48,11 @@ class DatasetEvalOptions:
     memory_budget_mb: float = 512.0
     rerank_device: str = 'cpu'
     work_dir: str = ''
+    tokens: str = 'fp16'
 
     def __post_init__(self) -> None:
+        if self.tokens not in ('fp16', 'fp32'):
+            raise ConfigError(f'tokens={self.tokens!r}: the evaluation stores fp16 or fp32 tokens')
         if self.rerank_k < 0:
             raise ConfigError(f'rerank_k={self.rerank_k} must be >= 0 (0 = no re-ranking)')
         if self.batch_size < 1:
@@ -57,9 +62,10 @@ class DatasetEvalOptions:
 
 
 def encode_images(paths: Sequence[Path], encoder, folder: Path, batch_size: int, timings: list[float],
-                  label: str = 'images'):
+                  label: str = 'images', tokens: str = 'fp16'):
     """Encode images in order into a PlaceMap appended to on disk at `folder` (place id = position in `paths`):
-    the map's fp16 token storage, so tokens never sit in RAM (§14 quirk 22). Returns the map (open: close it)."""
+    the map's token storage (`tokens`: fp16 or fp32), so tokens never sit in RAM (§14 quirk 22). Returns the map
+    (open: close it)."""
     from fol_ros.search.place_map import PlaceMap
     store = None
     start = time.perf_counter()
@@ -73,7 +79,7 @@ def encode_images(paths: Sequence[Path], encoder, folder: Path, batch_size: int,
             if store is None:   # dims from the first encoding (the tiny test model and real ones differ)
                 store = PlaceMap.open_append(folder, encoder.info, durable=False,
                                              global_dim=len(encodings[0].global_desc),
-                                             local_dim=encodings[0].local.shape[1])
+                                             local_dim=encodings[0].local.shape[1], tokens=tokens)
             for path, enc in zip(chunk, encodings):
                 store.add(enc, 0, None, source=str(path))
             done = b + len(batch)
@@ -137,11 +143,11 @@ def evaluate_dataset(ds: VprDataset, encoder, opts: DatasetEvalOptions = Dataset
     samples: dict[str, list[float]] = {'encode': [], 'search': [], 'rerank': []}
     with tempfile.TemporaryDirectory(prefix='fol_eval_', dir=opts.work_dir or None) as tmp:
         database = encode_images(ds.database_paths, encoder, Path(tmp) / 'database', opts.batch_size,
-                                 samples['encode'], 'database')
+                                 samples['encode'], 'database', opts.tokens)
         queries = None
         try:
             queries = encode_images(ds.query_paths, encoder, Path(tmp) / 'queries', opts.batch_size,
-                                    samples['encode'], 'queries')
+                                    samples['encode'], 'queries', opts.tokens)
             t0 = time.perf_counter()
             retrieval = retrieve(ExactL2Index(database.global_matrix(), database.place_ids()), database,
                                  queries.global_matrix(), k)

@@ -50,7 +50,7 @@ def build_map(frames: Iterable, encoder, out: str | Path, keyframe: KeyframeConf
         frames: iterable of Frame (image RGB uint8, stamp_ns, pose, source, frame_id).
         encoder: an Encoder (`.encode(images) -> list[Encoding]`, `.info: ModelInfo`).
         overwrite: replace an existing map at `out` (atomically, only once the new one is complete).
-        tokens: how the map stores its local tokens: 'fp16' (default), 'int8', 'pq' or a search.tokens.TokenOptions
+        tokens: how the map stores its local tokens: 'fp16' (default), 'fp32', 'int8', 'pq' or a TokenOptions
             (PQ is trained on the map's own tokens when the map is written).
     Raises:
         MapError: `out` exists and overwrite is False. BadInputError: no frame was usable.
@@ -62,7 +62,8 @@ def build_map(frames: Iterable, encoder, out: str | Path, keyframe: KeyframeConf
     storage.clean_leftovers(out)   # staging folders of builds that were killed (they are never reused)
     staging = storage.temp_sibling(out, 'building')
     report, t0 = BuildReport(out), time.perf_counter()
-    state = _State(encoder, staging, KeyframeSelector(keyframe), report)
+    kind = tokens if isinstance(tokens, str) or tokens is None else tokens.kind
+    state = _State(encoder, staging, KeyframeSelector(keyframe), report, kind or 'fp16')
     try:
         from tqdm import tqdm
         total = total if total is not None else (len(frames) if hasattr(frames, '__len__') else None)
@@ -87,15 +88,18 @@ def build_map(frames: Iterable, encoder, out: str | Path, keyframe: KeyframeConf
 
 
 class _State:
-    def __init__(self, encoder, staging: Path, selector: KeyframeSelector, report: BuildReport) -> None:
+    def __init__(self, encoder, staging: Path, selector: KeyframeSelector, report: BuildReport,
+                 token_kind: str = 'fp16') -> None:
         self.encoder, self.staging, self.selector, self.report = encoder, staging, selector, report
+        self.token_kind = token_kind   # the log keeps fp32 tokens for an fp32 map, fp16 for the others
         self.pmap: PlaceMap | None = None
         self.index = GlobalIndex()
 
     def take(self, frame, encoding, why: str) -> None:
         if self.pmap is None:   # dims come from the first encoding (the tiny test model and real ones differ)
             self.pmap = PlaceMap.open_append(self.staging, self.encoder.info, durable=False,
-                                             global_dim=len(encoding.global_desc), local_dim=encoding.local.shape[1])
+                                             global_dim=len(encoding.global_desc), local_dim=encoding.local.shape[1],
+                                             tokens='fp32' if self.token_kind == 'fp32' else 'fp16')
         pid = self.pmap.add(encoding, frame.stamp_ns, frame.pose, source=frame.source, frame_id=frame.frame_id)
         if self.selector.uses_novelty:
             self.index.add(np.asarray(encoding.global_desc, np.float32)[None], np.array([pid]))

@@ -41,7 +41,7 @@ _TOP = {'format', 'format_version', 'model', 'global_dim', 'global_dtype', 'loca
         'total_local_tokens', 'next_place_id', 'created', 'files'}
 _OPTIONAL = {'calibration'}
 CODEC_FIELD = 'local_codec'   # version 3: how local.npy stores the tokens (tokens.py); versions 1, 2 are fp16
-_CODEC = {'fp16': {'kind'}, 'int8': {'kind', 'scale_dtype'},
+_CODEC = {'fp16': {'kind'}, 'fp32': {'kind'}, 'int8': {'kind', 'scale_dtype'},
           'pq': {'kind', 'm', 'nbits', 'opq', 'normalize', 'train_tokens'}}
 _MODEL = {'fingerprint', 'backbone', 'input_size', 'checkpoint_sha256', 'label'}
 _CREATED = {'utc', 'host', 'tool', 'numpy'}

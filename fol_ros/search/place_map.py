@@ -58,12 +58,19 @@ class PlaceMap:
         self.calibration_problem = ''    # why a calibration.json on disk was not used ('' = none or fine)
         self.codec = tokens_module.fp16_codec(self.local_dim)   # how the saved base tokens are stored (tokens.py)
         self._side: tuple = ()                 # the codec's per-token side arrays of the base (int8 scales)
+        self._log_dtype: dict[int, str] = {}   # logged places whose tokens are not fp16 (an fp32 map's)
 
     # ----- construction -------------------------------------------------------------------------------
     @classmethod
-    def create(cls, model: ModelInfo, global_dim: int = 8448, local_dim: int = 128) -> 'PlaceMap':
-        """An empty in-memory map for descriptors of `model`."""
-        return cls(model, global_dim, local_dim)
+    def create(cls, model: ModelInfo, global_dim: int = 8448, local_dim: int = 128,
+               tokens: str = 'fp16') -> 'PlaceMap':
+        """An empty in-memory map for descriptors of `model`; `tokens` 'fp16' or 'fp32' (what its places keep;
+        int8 and pq are chosen when saving, they are trained on the map's tokens)."""
+        if tokens not in tokens_module.FLOAT_KINDS:
+            raise MapError(f'a new map keeps fp16 or fp32 tokens, not {tokens!r} (int8 and pq are chosen at save)')
+        pmap = cls(model, global_dim, local_dim)
+        pmap.codec = tokens_module.TokenCodec(tokens, int(local_dim))
+        return pmap
 
     @classmethod
     def load(cls, path: str | Path, expect: ModelInfo | None = None, verify: str = 'full') -> 'PlaceMap':
@@ -100,6 +107,8 @@ class PlaceMap:
                 pmap._drop(entry.ids)
             else:
                 pmap._insert(entry.place, entry.global_desc, (_LOGGED, entry.tokens_at))
+                if entry.token_dtype != 'float16':
+                    pmap._log_dtype[entry.place.place_id] = entry.token_dtype
         pmap._log_map, pmap._log_size = stored.log_buffer, stored.log_size
         pmap._next_id = stored.next_place_id
         pmap._cache = None
@@ -107,18 +116,19 @@ class PlaceMap:
 
     @classmethod
     def open_append(cls, path: str | Path, model: ModelInfo | None = None, durable: bool = True,
-                    global_dim: int = 8448, local_dim: int = 128) -> 'PlaceMap':
+                    global_dim: int = 8448, local_dim: int = 128, tokens: str = 'fp16') -> 'PlaceMap':
         """Open (or create, given `model`) a map for online growth: each add/remove is fsynced to append.log.
 
         Args:
             durable: fsync after every record (a crash loses at most the place being written). Map building
                 turns it off for speed, since its output only becomes visible once complete.
+            tokens: 'fp16' or 'fp32', the tokens of a map created here (an existing map keeps its own).
         """
         path = Path(path)
         if not os.path.lexists(path / metadata.NAME):
             if model is None:
                 raise MapError(f'no place map at {path}; pass the model to create a new one there')
-            cls.create(model, global_dim, local_dim).save(path)
+            cls.create(model, global_dim, local_dim, tokens).save(path)
         pmap = cls.load(path, expect=model)
         pmap._open_log(durable)
         return pmap
@@ -179,14 +189,15 @@ class PlaceMap:
 
     @property
     def token_encoding(self) -> str:
-        """How the saved base tokens are stored: 'fp16', 'int8' or 'pq' (places added since are fp16 until saved)."""
+        """How the saved base tokens are stored: 'fp16', 'fp32', 'int8' or 'pq' (places added since are fp16, fp32
+        in an fp32 map, until saved)."""
         return self.codec.kind
 
     def local_tokens(self, place_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(local [L, 128], local_index int32 [L], local_xy float32 [L, 2]) of one place.
 
-        local is fp16 (read-only view) for fp16 maps and for places added since the last save; the tokens of an
-        int8 or pq map are decoded into a new float32 array.
+        local is fp16 (read-only view) for fp16 maps and for places added since the last save, fp32 for fp32 maps;
+        the tokens of an int8 or pq map are decoded into a new float32 array.
         """
         n = self.place(place_id).num_tokens
         kind, off = self._where[int(place_id)]
@@ -198,7 +209,8 @@ class PlaceMap:
                                        tuple(a[off:off + n] for a in self._side))
         if self._log_map is None or len(self._log_map) < self._log_size:
             self._remap_log()
-        return store.log_tokens(self._log_map, off, n, self.local_dim)
+        return store.log_tokens(self._log_map, off, n, self.local_dim,
+                                self._log_dtype.get(int(place_id), 'float16'))
 
     # ----- growth -------------------------------------------------------------------------------------
     def add(self, encoding: Encoding, stamp_ns: int, pose: Pose | None = None, source: str = '',
@@ -211,6 +223,8 @@ class PlaceMap:
             record, tokens_at = store.add_record(place, g, (local, index, xy))
             start = self._append(record)
             where = (_LOGGED, start + tokens_at)
+            if local.dtype != np.float16:
+                self._log_dtype[place.place_id] = str(local.dtype)
         else:
             self._mem_tokens.append((local, index, xy))
             where = (_MEM, len(self._mem_tokens) - 1)
@@ -282,7 +296,8 @@ class PlaceMap:
     # ----- internals ----------------------------------------------------------------------------------
     def _check(self, enc: Encoding) -> tuple[np.ndarray, ...]:
         g = np.ascontiguousarray(enc.global_desc, np.float32).reshape(-1)
-        local = np.ascontiguousarray(enc.local, np.float16)
+        # new places keep what the saved tokens keep: fp32 in an fp32 map, fp16 otherwise (until coded at save)
+        local = np.ascontiguousarray(enc.local, np.float32 if self.codec.kind == 'fp32' else np.float16)
         index = np.ascontiguousarray(enc.local_index, np.int32).reshape(-1)
         xy = np.ascontiguousarray(enc.local_xy, np.float32).reshape(-1, 2)
         if g.shape[0] != self.global_dim or local.ndim != 2 or local.shape[1] != self.local_dim:

@@ -42,6 +42,8 @@ from fol_ros.search.places import Place, read_places, write_places
 LOG = logging.getLogger(__name__)
 
 LOG_NAME = 'append.log'
+LOG_DTYPE_KEY = 'local_dtype'       # in a log record: how its tokens are stored ('float16' when absent)
+LOG_DTYPES = ('float16', 'float32')
 BASE_FILES = metadata.BASE_FILES
 CALIBRATION_NAME = metadata.CALIBRATION_NAME
 Tokens = tuple[np.ndarray, np.ndarray, np.ndarray]   # (local fp16 [L, d], local_index int32 [L], local_xy f32 [L, 2])
@@ -54,6 +56,7 @@ class LoggedAdd:
     place: Place
     global_desc: np.ndarray
     tokens_at: int
+    token_dtype: str = 'float16'        # 'float32' in the log of an fp32 map
 
 
 @dataclass
@@ -192,8 +195,8 @@ def _read_base(path: Path, meta: dict):
 
 
 def decode_tokens(codec: token_codec.TokenCodec | None, tokens: Tokens, side: tuple = ()) -> Tokens:
-    """One place's stored tokens as the re-ranker takes them: fp16 as stored, int8 and pq decoded to float32."""
-    if codec is None or codec.kind == 'fp16':
+    """One place's stored tokens as the re-ranker takes them: fp16/fp32 as stored, int8 and pq decoded to float32."""
+    if codec is None or codec.kind in token_codec.FLOAT_KINDS:
         return tokens
     return codec.decode(tokens[0], side), tokens[1], tokens[2]
 
@@ -223,24 +226,28 @@ def _read_log(stored: StoredMap, base_ids: set[int]) -> None:
             raise MapError(f'{where}: place {place.place_id} added twice; the log is corrupt')
         seen.add(place.place_id)
         n = place.num_tokens
-        need = _tokens_bytes(n, ld) + gd * 4 + storage.pad16(gd * 4)
+        dtype = rec.meta.get(LOG_DTYPE_KEY, 'float16')
+        if dtype not in LOG_DTYPES:
+            raise MapError(f'{where}: token dtype {dtype!r} is not one of {", ".join(LOG_DTYPES)}; the log is corrupt')
+        need = _tokens_bytes(n, ld, dtype) + gd * 4 + storage.pad16(gd * 4)
         if rec.blob_start + need > rec.end:
             raise MapError(f'{where}: place {place.place_id} claims {n} tokens but the record holds fewer; '
                            'the log is corrupt')
         g = np.frombuffer(buf, np.float32, gd, rec.blob_start)
-        stored.log.append(LoggedAdd(place, g, rec.blob_start + gd * 4 + storage.pad16(gd * 4)))
+        stored.log.append(LoggedAdd(place, g, rec.blob_start + gd * 4 + storage.pad16(gd * 4), dtype))
         stored.next_place_id = max(stored.next_place_id, place.place_id + 1)
     stored.log_buffer, stored.log_size = buf, good_end
 
 
-def _tokens_bytes(n: int, d: int) -> int:
-    return sum(b + storage.pad16(b) for b in (n * d * 2, n * 4, n * 8))
+def _tokens_bytes(n: int, d: int, dtype: str = 'float16') -> int:
+    return sum(b + storage.pad16(b) for b in (n * d * np.dtype(dtype).itemsize, n * 4, n * 8))
 
 
-def log_tokens(buf, offset: int, n: int, d: int) -> Tokens:
+def log_tokens(buf, offset: int, n: int, d: int, dtype: str = 'float16') -> Tokens:
     """The tokens of a logged place whose arrays start at byte `offset` of the log (read-only views)."""
-    local = np.frombuffer(buf, np.float16, n * d, offset).reshape(n, d)
-    offset += storage.pad16(n * d * 2) + n * d * 2
+    local = np.frombuffer(buf, dtype, n * d, offset).reshape(n, d)
+    size = n * d * np.dtype(dtype).itemsize
+    offset += storage.pad16(size) + size
     index = np.frombuffer(buf, np.int32, n, offset)
     offset += storage.pad16(n * 4) + n * 4
     return local, index, np.frombuffer(buf, np.float32, 2 * n, offset).reshape(n, 2)
@@ -255,7 +262,10 @@ def map_log(path: Path) -> mmap.mmap | None:
 def add_record(place: Place, global_desc: np.ndarray, tokens: Tokens) -> tuple[bytes, int]:
     """An append-log record adding `place`; returns it and the offset of its tokens inside the record."""
     blobs = [global_desc.tobytes()] + [a.tobytes() for a in tokens]
-    record, offsets = storage.encode_record(storage.KIND_ADD, place.to_json(), blobs)
+    meta = place.to_json()
+    if tokens[0].dtype != np.float16:   # fp16 records (every map before fp32 tokens) say nothing
+        meta[LOG_DTYPE_KEY] = str(tokens[0].dtype)
+    record, offsets = storage.encode_record(storage.KIND_ADD, meta, blobs)
     return record, offsets[1]
 
 

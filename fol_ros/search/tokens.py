@@ -1,17 +1,19 @@
-"""How a map stores its local tokens: fp16 (default), int8 with a per-token scale, or product quantisation (PQ,
-optionally with an OPQ rotation) trained on the map's own tokens.
+"""How a map stores its local tokens: fp16 (default), fp32 (exactly what the encoder gave: the official pipeline's
+counts, twice the disk), int8 with a per-token scale, or product quantisation (PQ, optionally with an OPQ rotation)
+trained on the map's own tokens.
 
 The re-ranker works on decoded tokens: `PlaceMap.local_tokens` decodes one place's codes into float32 [L, d] when it
 is asked for them (a gather from the codebook and, with OPQ, one [L, d] x [d, d] product: well under a millisecond
 beside the re-ranking GEMMs), so the exact fused re-ranker (`fol_ros.mutual_nn`) runs unchanged on whatever the map
 holds, and the geometric verification gets the same pairs it would from fp16 tokens of those values.
 
-Bytes per token (d = 128): fp16 256; int8 128 + 2 (fp16 scale); pq m bytes (m sub-quantisers of 256 centroids,
+Bytes per token (d = 128): fp16 256; fp32 512; int8 128 + 2 (fp16 scale); pq m bytes (m sub-quantisers of 256 centroids,
 d/m dimensions each). Per map: pq adds its codebook (m x 256 x d/m float32 = 128 KB at d = 128) and with OPQ a d x d
 rotation (64 KB).
 
 Files (beside local_index.npy, local_xy.npy, local_offsets.npy, which every map has):
     fp16  local.npy float16 [sum L, d]
+    fp32  local.npy float32 [sum L, d]
     int8  local.npy int8 [sum L, d], local_scale.npy float16 [sum L]: token = codes * scale (symmetric, per token)
     pq    local.npy uint8 [sum L, m], local_codebook.npy float32 [m, 256, d/m], local_rotation.npy float32 [d, d]
           (OPQ only): token = concat_j codebook[j, codes[:, j]] @ rotation, unit-normalised when `normalize`
@@ -25,7 +27,8 @@ import numpy as np
 
 from fol_ros.errors import MapError
 
-KINDS = ('fp16', 'int8', 'pq')
+KINDS = ('fp16', 'fp32', 'int8', 'pq')
+FLOAT_KINDS = ('fp16', 'fp32')    # stored as they are used: no decoding
 PQ_BITS = 8
 PQ_CENTROIDS = 1 << PQ_BITS
 DEFAULT_PQ_M = 32            # 4 dims per sub-quantiser at d = 128: 32 bytes per token
@@ -34,7 +37,7 @@ OPQ_ITERATIONS = 10          # OPQ rotation / codebook alternations (faiss defau
 SCALE_FILE = 'local_scale.npy'
 CODEBOOK_FILE = 'local_codebook.npy'
 ROTATION_FILE = 'local_rotation.npy'
-LOCAL_DTYPE = {'fp16': 'float16', 'int8': 'int8', 'pq': 'uint8'}
+LOCAL_DTYPE = {'fp16': 'float16', 'fp32': 'float32', 'int8': 'int8', 'pq': 'uint8'}
 
 
 @dataclass(frozen=True)
@@ -95,12 +98,12 @@ class TokenCodec:
         return self.token_files + self.map_files
 
     def bytes_per_token(self) -> int:
-        return {'fp16': 2 * self.dim, 'int8': self.dim + 2, 'pq': self.pq_m}[self.kind]
+        return {'fp16': 2 * self.dim, 'fp32': 4 * self.dim, 'int8': self.dim + 2, 'pq': self.pq_m}[self.kind]
 
     def params(self) -> dict:
         """The `local_codec` entry of metadata.json."""
-        if self.kind == 'fp16':
-            return {'kind': 'fp16'}
+        if self.kind in FLOAT_KINDS:
+            return {'kind': self.kind}
         if self.kind == 'int8':
             return {'kind': 'int8', 'scale_dtype': 'float16'}
         return {'kind': 'pq', 'm': self.pq_m, 'nbits': PQ_BITS, 'opq': self.opq, 'normalize': self.normalize,
@@ -128,8 +131,8 @@ class TokenCodec:
         x = np.asarray(tokens)
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise MapError(f'tokens of shape {x.shape} do not fit a codec of dimension {self.dim}')
-        if self.kind == 'fp16':
-            return np.ascontiguousarray(x, np.float16), ()
+        if self.kind in FLOAT_KINDS:
+            return np.ascontiguousarray(x, LOCAL_DTYPE[self.kind]), ()
         x = np.asarray(x, np.float32)
         if self.kind == 'int8':
             peak = np.abs(x).max(1) if len(x) else np.zeros(0, np.float32)
@@ -142,7 +145,7 @@ class TokenCodec:
 
     def decode(self, codes: np.ndarray, side: tuple[np.ndarray, ...] = ()) -> np.ndarray:
         """float32 [L, d] tokens of one place's codes (and its per-token side arrays)."""
-        if self.kind == 'fp16':
+        if self.kind in FLOAT_KINDS:
             return np.asarray(codes)
         if self.kind == 'int8':
             return np.asarray(codes, np.float32) * np.asarray(side[0], np.float32)[:, None]
@@ -177,10 +180,8 @@ def fp16_codec(dim: int) -> TokenCodec:
 
 def train(options: TokenOptions, dim: int, sample: np.ndarray) -> TokenCodec:
     """A codec for `options`; PQ (and OPQ) are trained on `sample` [n, d] (tokens drawn from the map)."""
-    if options.kind == 'fp16':
-        return fp16_codec(dim)
-    if options.kind == 'int8':
-        return TokenCodec('int8', int(dim))
+    if options.kind in ('fp16', 'fp32', 'int8'):
+        return TokenCodec(options.kind, int(dim))
     m = int(options.pq_m)
     if m < 1 or dim % m:
         raise MapError(f'PQ with {m} sub-quantisers needs a token dimension divisible by it (the map has {dim})')
@@ -224,10 +225,8 @@ def sample_tokens(token_arrays, count: int, total: int, seed: int = 0) -> np.nda
 def from_metadata(params: dict, dim: int, arrays: dict[str, np.ndarray]) -> TokenCodec:
     """The codec of a map from its (validated) `local_codec` entry and its codec files."""
     kind = params['kind']
-    if kind == 'fp16':
-        return fp16_codec(dim)
-    if kind == 'int8':
-        return TokenCodec('int8', int(dim))
+    if kind in ('fp16', 'fp32', 'int8'):
+        return TokenCodec(kind, int(dim))
     m = params['m']
     return TokenCodec('pq', int(dim), m, params['opq'], params['normalize'], params['train_tokens'],
                       arrays[CODEBOOK_FILE], arrays.get(ROTATION_FILE))
