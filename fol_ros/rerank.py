@@ -23,7 +23,7 @@ import torch
 from fol_ros.config import RerankConfig
 from fol_ros.errors import ConfigError
 from fol_ros import mutual_nn_bf16
-from fol_ros.mutual_nn import Matches, match
+from fol_ros.mutual_nn import Matches, match, match_dense
 from fol_ros.records import Candidate, Encoding
 
 LOG = logging.getLogger(__name__)
@@ -63,6 +63,8 @@ def mutual_nn_match(query_local: np.ndarray, cand_locals: Sequence[np.ndarray], 
         if (use_bf16(kernel, dev) and not single_match_quirk
                 and mutual_nn_bf16.usable(query_local, cand_locals, threshold)):
             return mutual_nn_bf16.match(query_local, cand_locals, threshold, budget_mb, dev)
+        if dev.type == 'cuda' and not single_match_quirk:
+            return match_dense(query_local, cand_locals, threshold, budget_mb, dev)
         return match(query_local, cand_locals, threshold, budget_mb, dev, single_match_quirk)
 
 

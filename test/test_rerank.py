@@ -206,6 +206,10 @@ def test_counts_equal_the_official_formulation_on_real_corridor_tokens(corridor_
     assert mutual_nn_counts(q, cands, budget_mb=1.0, kernel='fp32').tolist() == official    # 64-row tiles
     fp32, bf16 = _fp32_and_bf16(q, cands)
     _assert_same(fp32, bf16)
+    import torch
+
+    from fol_ros import mutual_nn
+    _assert_same(fp32, mutual_nn.match_dense(q, cands, 0.7, 512.0, torch.device('cpu')))   # the GPU path
 
 
 # --- the bf16 screen (fol_ros.mutual_nn_bf16): the fp32 counts and pairs, whatever the CPU ------------------------
@@ -308,3 +312,25 @@ def test_bf16_kernel_choice():
     assert use_bf16('bf16', cpu) and not use_bf16('fp32', cpu) and not use_bf16('bf16', torch.device('cuda'))
     with pytest.raises(ConfigError, match='auto, fp32 or bf16'):
         use_bf16('fp16', cpu)
+
+
+def test_dense_grouped_kernel_for_gpus_equals_the_tiled_one():
+    """mutual_nn.match_dense (what CUDA runs: whole [G, Lc, Lq] matrices, few launches) gives the tiled kernel's
+    pairs on the CPU: random, one-hot (exact ties), all-negative and empty candidates, one or many per group."""
+    import torch
+
+    from fol_ros import mutual_nn
+    rng = np.random.default_rng(6)
+    q = _unit(rng.normal(size=(90, 32))).astype(np.float32)
+    cands = [_related(rng, q, int(n), rng.uniform(0, 0.8), rng.uniform(0.05, 0.6)) for n in rng.integers(1, 150, 7)]
+    cands += [np.zeros((0, 32), np.float32), -_unit(np.abs(rng.normal(size=(20, 32)))).astype(np.float32)]
+    eye = np.eye(32, dtype=np.float32)
+    cands += [eye[rng.integers(0, 32, 40)]]
+    q_ties = np.concatenate([q, eye[:8], eye[:4]])
+    cpu = torch.device('cpu')
+    for query in (q, q_ties):
+        for thr in (0.7, -2.0):
+            tiled = mutual_nn.match(query, cands, thr, 512.0, cpu)
+            assert tiled.counts.max() > 5
+            for budget in (512.0, 0.01):     # all candidates in one group; one candidate per group
+                _assert_same(tiled, mutual_nn.match_dense(query, cands, thr, budget, cpu))
