@@ -160,7 +160,9 @@ class EngineConfig:
     engine: str = setting('auto', 'inference back end: auto | torch | onnxruntime | tensorrt', choices=ENGINES,
                           launch='engine', cli=('--engine',))
     device: str = setting('auto', 'auto | cpu | cuda | cuda:N', cli=('--device',))
-    precision: str = setting('fp16', 'GPU precision fp16 | bf16 | fp32 (CPU back ends always run fp32)',
+    precision: str = setting('fp16', 'GPU precision fp16 | bf16 | fp32; on a CPU only engine torch with bf16 changes '
+                             'anything (bf16 autocast, opt-in: it changes the token set, docs/engines.md), the rest '
+                             'runs fp32',
                              choices=PRECISIONS, cli=('--precision',))
     max_batch: int = setting(8, 'largest batch an engine is built for', low=1)
     cache_dir: str = setting('', "exported ONNX / TensorRT engines; '' = $FOL_ROS_CACHE or ~/.cache/fol_ros")

@@ -37,7 +37,9 @@ class TorchEncoder:
         net: the FoL network (put in eval mode here).
         info: model identity; `info.input_size` is the network input (H, W).
         device: 'cpu', 'cuda' or 'cuda:N'.
-        precision: 'fp32', or 'fp16'/'bf16' autocast on CUDA (CPU always runs fp32).
+        precision: 'fp32', or 'fp16'/'bf16' autocast on CUDA; on the CPU 'bf16' autocasts to bf16 (opt-in: faster
+            where the CPU has bf16 instructions, but it changes the token set, docs/engines.md) and anything else
+            runs fp32 (fp16 has no fast CPU kernels).
         max_batch: images per forward pass.
     """
 
@@ -52,6 +54,8 @@ class TorchEncoder:
         self.autocast_dtype = None
         if self.device.type == 'cuda' and precision in ('fp16', 'bf16'):
             self.autocast_dtype = torch.float16 if precision == 'fp16' else torch.bfloat16
+        elif self.device.type == 'cpu' and precision == 'bf16':
+            self.autocast_dtype = torch.bfloat16
         self.name = f'torch-{self.device.type}' + (f'-{precision}' if self.autocast_dtype else '')
 
     @torch.inference_mode()
@@ -59,7 +63,7 @@ class TorchEncoder:
         """forward_fixed on a preprocessed batch [B,3,H,W] (moved to the device); outputs stay on the device."""
         batch = batch.to(self.device, non_blocking=True)
         if self.autocast_dtype is not None:
-            with torch.autocast('cuda', dtype=self.autocast_dtype):
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype):
                 return self.net.forward_fixed(batch)
         return self.net.forward_fixed(batch)
 
