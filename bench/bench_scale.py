@@ -119,15 +119,24 @@ class FaissBackend:
         return self._bytes()
 
 
-class IvfPqBackend:
-    """faiss IndexIVFPQ (what fits at 1M: 8448 / 32 = 264 bytes per place), trained on the first chunk(s) and filled
-    chunk by chunk, so the fp32 vectors are never all in RAM. Not a node index type (GlobalIndex has flat/ivf/hnsw)."""
+class IvfCodesBackend:
+    """faiss IVF over compressed vectors, what fits at 1M: IndexIVFPQ (8448 / 32 = 264 bytes per place) or
+    IndexIVFScalarQuantizer with 8-bit codes (8,448 bytes per place, 8.4 GB at 1M), trained on the first chunk(s)
+    and filled chunk by chunk, so the fp32 vectors are never all in RAM. Not node index types (GlobalIndex has
+    flat/ivf/hnsw)."""
 
-    def __init__(self, dim: int, nlist: int, nprobe: int, m: int = 264, train: int = 40_000) -> None:
+    def __init__(self, dim: int, nlist: int, nprobe: int, codes: str = 'pq', m: int = 264,
+                 train: int = 40_000) -> None:
         import faiss
         self.faiss, self.dim, self.train_n = faiss, dim, train
-        self.index = faiss.IndexIDMap2(faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, nlist, m, 8,
-                                                        faiss.METRIC_INNER_PRODUCT))
+        coarse = faiss.IndexFlatIP(dim)
+        if codes == 'pq':
+            ivf = faiss.IndexIVFPQ(coarse, dim, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
+        else:
+            ivf = faiss.IndexIVFScalarQuantizer(coarse, dim, nlist, faiss.ScalarQuantizer.QT_8bit,
+                                                faiss.METRIC_INNER_PRODUCT)
+        self._coarse = coarse   # the IVF index does not own it
+        self.index = faiss.IndexIDMap2(ivf)
         self.ivf = faiss.extract_index_ivf(self.index)
         self.ivf.nprobe = nprobe
         self.pending: list[tuple[np.ndarray, np.ndarray]] = []
@@ -205,7 +214,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--n', type=int, nargs='+', default=[10_000, 100_000, 1_000_000])
     p.add_argument('--backends', nargs='+', default=['faiss-flat', 'faiss-ivf', 'faiss-hnsw', 'faiss-ivfpq'],
-                   choices=['faiss-flat', 'faiss-ivf', 'faiss-hnsw', 'faiss-ivfpq'])
+                   choices=['faiss-flat', 'faiss-ivf', 'faiss-hnsw', 'faiss-ivfpq', 'faiss-ivfsq8'])
     p.add_argument('--backend-module', action='append', default=[],
                    help='MODULE:FACTORY of another back end (see the module doc); repeatable')
     p.add_argument('--hnsw-max', type=int, default=10_000, help='HNSW only up to this many places (build time)')
@@ -232,6 +241,8 @@ def main() -> None:
             need = n * dim * 4 * (2 if name != 'faiss-hnsw' else 2.1)   # vectors + the copy taken while building
             if name == 'faiss-ivfpq':
                 need = n * 300 + CHUNK * dim * 8 + args.nlist * dim * 4
+            elif name == 'faiss-ivfsq8':
+                need = n * (dim + 40) * 1.1 + CHUNK * dim * 8 + args.nlist * dim * 4
             if module is None and need > args.ram_gb * 2 ** 30:
                 rows.append({'places': n, 'backend': name, 'skipped': f'needs ~{need / 2 ** 30:.0f} GB of RAM for '
                              f'fp32 vectors (--ram-gb {args.ram_gb})'})
@@ -243,8 +254,8 @@ def main() -> None:
                 continue
             if module:
                 backend = _external(module, dim)
-            elif name == 'faiss-ivfpq':
-                backend = IvfPqBackend(dim, args.nlist, args.nprobe)
+            elif name in ('faiss-ivfpq', 'faiss-ivfsq8'):
+                backend = IvfCodesBackend(dim, args.nlist, args.nprobe, name.removeprefix('faiss-ivf'))
             else:
                 backend = FaissBackend(dim, name.split('-')[1], args.nlist, args.nprobe, 32, 128)
             r = run_one(name, backend, real, n, q, truth)
