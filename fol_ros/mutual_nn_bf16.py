@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -34,6 +36,7 @@ from fol_ros.mutual_nn import Matches, padded
 
 BLOCK = 64                       # columns per block maximum (Lq is padded to a multiple of it)
 TILE_ROWS = 1024                 # rows per bf16 GEMM call
+WORKERS = 2                      # candidates decided at once (threads; see `match`)
 MIN_THRESHOLD = 0.1
 _NONE = np.iinfo(np.int64).max
 
@@ -205,73 +208,101 @@ def _bf16_tensor(bits: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(bits).view(torch.bfloat16)
 
 
+@dataclass(frozen=True)
+class _Query:
+    """What every candidate needs of the query."""
+
+    q32: np.ndarray
+    q_t: torch.Tensor
+    q_b: torch.Tensor
+    length: int
+    res: float
+    b_norm: float
+    norm: float
+
+
+def _candidate(query: _Query, cand: np.ndarray, threshold: float, chunk: int, sim: torch.Tensor):
+    """Mutual pairs (query rows, candidate rows, candidate token values) of one candidate before the threshold
+    test, or None when its tokens are too far from unit norm for the int16 view (then the fp32 path runs)."""
+    lc, lq, q32, dim = len(cand), query.length, query.q32, query.q32.shape[1]
+    c32 = mutual_nn._fp32_padded(cand)
+    cand_t = torch.from_numpy(c32)
+    c_bits = bf16_bits(c32)
+    c_b = _bf16_tensor(c_bits)
+    n_pad, lq_pad = c32.shape[0], q32.shape[0]
+    for r0 in range(0, n_pad, TILE_ROWS):
+        r1 = min(n_pad, r0 + TILE_ROWS)
+        torch.matmul(c_b[r0:r1], query.q_b.T, out=sim[r0:r1])
+    bits_t = sim[:n_pad].view(torch.int16)
+    bits = bits_t.numpy()
+    block_max = bits_t[:lc].view(lc, -1, BLOCK).amax(2).numpy()
+    col_blocks = bits.reshape(-1, BLOCK, lq_pad).max(1)
+    row_max = _as_float(block_max.max(1))
+    c_res, norm_c, cb_norm = token_norms(c32[:lc], _as_float(c_bits[:lc]))
+    bound = entry_bound(c_res, norm_c, cb_norm, query.res, query.b_norm, row_max, dim)
+    gamma_row = gamma(dim) * norm_c * query.norm * (1 + 1e-3) + 1e-12
+    margin = mutual_nn.dot_margin(dim, query.norm, float(norm_c.max()))
+    live = row_max >= threshold - bound - 2 * margin
+    if not (row_max[live] - 2 * bound[live] - 2 * gamma_row[live] > 0).all():
+        return None
+    col_floor = _column_floor(col_blocks, float(bound.max()), float(gamma_row.max()))
+    j = _row_argmax(bits, lc, lq, bound, live, c32, q32, cand_t, query.q_t, gamma_row, block_max, col_floor)
+    ic = np.nonzero(j >= 0)[0]
+    jq = j[ic]
+    cols, where = np.unique(jq, return_inverse=True)
+    if len(ic):
+        owner = _column_first_argmax(bits, col_blocks, lc, cols, float(bound.max()), float(gamma_row.max()), c32,
+                                     q32, cand_t, query.q_t, chunk)
+        mutual = owner[where] == ic
+        ic, jq = ic[mutual], jq[mutual]
+    return jq, ic, c32[ic]
+
+
 def match(query: np.ndarray, cands: Sequence[np.ndarray], threshold: float, budget_mb: float,
-          dev: torch.device = torch.device('cpu')) -> Matches:
+          dev: torch.device = torch.device('cpu'), workers: int = WORKERS) -> Matches:
     """Counted mutual-NN pairs of every candidate, equal to `mutual_nn.match` (fp32) by construction (module doc).
 
-    CPU only; needs `usable(...)`. The workspace is one candidate's bf16 similarity matrix (23 MB at 3,400 tokens).
-    Few torch calls per candidate (the bf16 GEMM tiles and one block maximum); the rest is numpy, and the official
-    threshold test runs once for all candidates at the end.
+    CPU only; needs `usable(...)`. Candidates run on `workers` threads: half of each candidate's time is
+    single-threaded numpy (which releases the GIL), so a second candidate keeps the other core busy. The workspace
+    is one candidate's bf16 similarity matrix (23 MB at 3,400 tokens) per worker. Few torch calls per candidate
+    (the bf16 GEMM tiles, one block maximum); the official threshold test runs once for all candidates at the end.
     """
     q32 = mutual_nn._fp32_padded(query)
-    lq, lq_pad, dim = len(query), q32.shape[0], q32.shape[1]
-    q_t = torch.from_numpy(q32)
     q_bits = bf16_bits(q32)
-    q_b = _bf16_tensor(q_bits)
     q_res, _, qb_norm = (float(v.max()) for v in token_norms(q32, _as_float(q_bits)))
-    norm_q = mutual_nn._max_norm(q32)
+    qry = _Query(q32, torch.from_numpy(q32), _bf16_tensor(q_bits), len(query), q_res, qb_norm,
+                 mutual_nn._max_norm(q32))
+    lq_pad = q32.shape[0]
     longest = max((padded(len(c)) for c in cands), default=mutual_nn.ALIGN)
-    sim = torch.empty((longest, lq_pad), dtype=torch.bfloat16)
     chunk = max(mutual_nn.ALIGN, mutual_nn.tile_rows(lq_pad, budget_mb) * lq_pad // longest
                 // mutual_nn.ALIGN * mutual_nn.ALIGN)
     empty = (np.zeros(0, np.int64), np.zeros(0, np.int64))
     counts = np.zeros(len(cands), np.int64)
     pairs: list = [empty] * len(cands)
+    todo = [k for k, c in enumerate(cands) if len(c)]
+    buffers = [torch.empty((longest, lq_pad), dtype=torch.bfloat16) for _ in range(max(1, min(workers, len(todo))))]
+
+    def run(slot: int) -> list:
+        with torch.inference_mode():   # thread-local: the buffers were made under the caller's inference mode
+            return [(k, _candidate(qry, cands[k], threshold, chunk, buffers[slot]))
+                    for k in todo[slot::len(buffers)]]
+    if len(buffers) == 1:
+        results = run(0)
+    else:
+        with ThreadPoolExecutor(len(buffers)) as pool:
+            results = [r for part in pool.map(run, range(len(buffers))) for r in part]
     found = []     # (candidate, query rows, candidate rows, candidate token values) of the mutual pairs
-    for k, cand in enumerate(cands):
-        lc = len(cand)
-        if lc == 0:
-            continue
-        c32 = mutual_nn._fp32_padded(cand)
-        cand_t = torch.from_numpy(c32)
-        c_bits = bf16_bits(c32)
-        c_b = _bf16_tensor(c_bits)
-        n_pad = c32.shape[0]
-        for r0 in range(0, n_pad, TILE_ROWS):
-            r1 = min(n_pad, r0 + TILE_ROWS)
-            torch.matmul(c_b[r0:r1], q_b.T, out=sim[r0:r1])
-        bits_t = sim[:n_pad].view(torch.int16)
-        bits = bits_t.numpy()
-        block_max = bits_t[:lc].view(lc, -1, BLOCK).amax(2).numpy()
-        col_blocks = bits.reshape(-1, BLOCK, lq_pad).max(1)
-        row_max = _as_float(block_max.max(1))
-        c_res, norm_c, cb_norm = token_norms(c32[:lc], _as_float(c_bits[:lc]))
-        bound = entry_bound(c_res, norm_c, cb_norm, q_res, qb_norm, row_max, dim)
-        gamma_row = gamma(dim) * norm_c * norm_q * (1 + 1e-3) + 1e-12
-        margin = mutual_nn.dot_margin(dim, norm_q, float(norm_c.max()))
-        live = row_max >= threshold - bound - 2 * margin
-        if not (row_max[live] - 2 * bound[live] - 2 * gamma_row[live] > 0).all():
-            # tokens far from unit norm: the bound reaches below zero, where bf16 patterns stop ordering like
-            # int16; this candidate takes the fp32 path
-            one = mutual_nn.match(query, [cand], threshold, budget_mb, torch.device('cpu'))
+    for k, got in sorted(results, key=lambda r: r[0]):
+        if got is None:   # tokens far from unit norm: the bound reaches below zero; the fp32 path decides
+            one = mutual_nn.match(query, [cands[k]], threshold, budget_mb, torch.device('cpu'))
             counts[k], pairs[k] = one.counts[0], one.pairs[0]
-            continue
-        col_floor = _column_floor(col_blocks, float(bound.max()), float(gamma_row.max()))
-        j = _row_argmax(bits, lc, lq, bound, live, c32, q32, cand_t, q_t, gamma_row, block_max, col_floor)
-        ic = np.nonzero(j >= 0)[0]
-        if len(ic) == 0:
-            continue
-        jq = j[ic]
-        cols, where = np.unique(jq, return_inverse=True)
-        owner = _column_first_argmax(bits, col_blocks, lc, cols, float(bound.max()), float(gamma_row.max()), c32,
-                                     q32, cand_t, q_t, chunk)
-        mutual = owner[where] == ic
-        found.append((k, jq[mutual], ic[mutual], c32[ic[mutual]]))
+        elif len(got[0]):
+            found.append((k, *got))
     if found:
         # the official threshold test, torch's elementwise dot of the matched rows (as `mutual_nn.match`), once
         iq_all = torch.from_numpy(np.concatenate([f[1] for f in found]))
         rows = torch.from_numpy(np.concatenate([f[3] for f in found]))
-        keep_all = ((q_t[iq_all] * rows).sum(-1) > threshold).numpy()
+        keep_all = ((qry.q_t[iq_all] * rows).sum(-1) > threshold).numpy()
         at = 0
         for k, jq, ic, _ in found:
             keep = keep_all[at:at + len(jq)]
