@@ -129,9 +129,11 @@ def workspace_mb(method: str, lq: int, lcs: list[int]) -> float:
         return (k * OFFICIAL_PAD ** 2 * 4 + (k + 1) * OFFICIAL_PAD * 128 * 4) / 2 ** 20
     lqp = mutual_nn.padded(lq)
     rows = sum(mutual_nn.padded(n) for n in lcs)
-    if method == 'bf16':    # one candidate's bf16 similarities + its fp32 copy + block maxima + query
-        return (max(padded_c := [mutual_nn.padded(n) for n in lcs]) * lqp * 2 + max(padded_c) * 128 * 4
-                + max(padded_c) * lqp * 2 // 64 * 2 + lqp * 128 * 6) / 2 ** 20
+    if method == 'bf16':    # per worker thread: one candidate's bf16 similarities, its fp32 copy, block maxima
+        from fol_ros.mutual_nn_bf16 import WORKERS
+        longest = max(mutual_nn.padded(n) for n in lcs)
+        per_worker = longest * lqp * 2 + longest * 128 * 4 + longest * lqp * 2 // 64 * 2
+        return (min(WORKERS, k) * per_worker + lqp * 128 * 6) / 2 ** 20
     if method == 'fused':   # tile + per-row max/argmax + per-candidate column maxima + query
         r = mutual_nn.tile_rows(lqp, 512.0)
         return (r * lqp * 4 + r * 128 * 4 + rows * 12 + k * lqp * 4 + lqp * 128 * 4) / 2 ** 20
