@@ -157,12 +157,11 @@ class FrameWorker:
             return Encoded(stamp_ns, None, StageTimings(),
                            Result(Status.ERROR, message=f'{type(exc).__name__}: {exc}'))
 
-    def _match(self, loc: Localizer, frame: Encoded, query: bool, frame_id: str = '') -> Result:
+    def _match(self, loc: Localizer, frame: Encoded, query: bool, pose=None) -> Result:
         """Stages 3-6 under the pipeline lock (a reset asked for meanwhile is applied first)."""
         self._apply_pending_reset(loc)
         try:
-            pose = None if query else self.pose_at(frame.stamp_ns, frame_id)
-            return loc.match(frame, pose, query_only=query)
+            return loc.match(frame, None if query else pose, query_only=query)
         except Exception as exc:
             return Result(Status.ERROR, message=f'{type(exc).__name__}: {exc}')
         finally:
@@ -191,10 +190,12 @@ class FrameWorker:
             return
         queue_ms = _ms(received)
         frame = self._prepare(loc, msg)
+        # before the pipeline lock: a TF lookup may wait up to tf_timeout_s for the transform to arrive
+        pose = None if frame.failure else self.pose_at(frame.stamp_ns, msg.header.frame_id)
         with self._pipeline_lock:
             if self.localizer is not loc or not self.active:
                 return
-            result = frame.failure or self._match(loc, frame, query=False, frame_id=msg.header.frame_id)
+            result = frame.failure or self._match(loc, frame, query=False, pose=pose)
             self._apply_pending_reset(loc)
             self._report(result)
             self._publish(msg, result, frame.stamp_ns)
