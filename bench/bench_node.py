@@ -63,9 +63,28 @@ def _summary(rows: list[dict]) -> dict:
             for s in rows[0]}
 
 
-class OfficialPipeline:
+class InThread:
+    """Runs `self.frame(*args)` in one persistent worker thread, like the node's worker (torch threads behave
+    differently in the main thread and in others; on a busy machine that changes the encode time several-fold)."""
+
+    def __init__(self) -> None:
+        self.jobs: queue.Queue = queue.Queue()
+        self.done: queue.Queue = queue.Queue()
+        threading.Thread(target=self._work, daemon=True).start()
+
+    def _work(self) -> None:
+        while True:
+            args = self.jobs.get()
+            self.done.put(self.frame(*args))
+
+    def run(self, *args) -> dict:
+        self.jobs.put(args)
+        return self.done.get()
+
+
+class OfficialPipeline(InThread):
     """fol-method §9 as the official code runs it, one frame: torch fp32 encode at batch 1, faiss IndexFlatL2,
-    dense re-ranking of the top `k` (no verification), in the same kind of worker thread as the core."""
+    dense re-ranking of the top `k` (no verification)."""
 
     def __init__(self, checkpoint, size: int, map_path, k: int) -> None:
         import faiss
@@ -80,55 +99,38 @@ class OfficialPipeline:
         self.ids = self.map.place_ids()
         self.tokens = {int(i): np.asarray(self.map.local_tokens(int(i))[0], np.float32) for i in self.ids}
         self.k = k
-        self.jobs: queue.Queue = queue.Queue()
-        self.done: queue.Queue = queue.Queue()
-        threading.Thread(target=self._work, daemon=True).start()
+        super().__init__()
 
-    def _work(self) -> None:
+    def frame(self, image) -> dict:
         import torch
         from bench_rerank import official
-        while True:
-            image = self.jobs.get()
-            start = time.perf_counter()
-            with torch.inference_mode():
-                enc = self.encoder.encode([image])[0]
-            t_enc = time.perf_counter()
-            _, ids = self.index.search(enc.global_desc[None].astype(np.float32), self.k)
-            t_search = time.perf_counter()
-            official(enc.local, [self.tokens[int(self.ids[i])] for i in ids[0] if i >= 0])
-            end = time.perf_counter()
-            self.done.put({'encode_ms': (t_enc - start) * 1e3, 'search_ms': (t_search - t_enc) * 1e3,
-                           'rerank_ms': (end - t_search) * 1e3, 'wall_ms': (end - start) * 1e3})
-
-    def run(self, image) -> dict:
-        self.jobs.put(image)
-        return self.done.get()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            enc = self.encoder.encode([image])[0]
+        t_enc = time.perf_counter()
+        _, ids = self.index.search(enc.global_desc[None].astype(np.float32), self.k)
+        t_search = time.perf_counter()
+        official(enc.local, [self.tokens[int(self.ids[i])] for i in ids[0] if i >= 0])
+        end = time.perf_counter()
+        return {'encode_ms': (t_enc - start) * 1e3, 'search_ms': (t_search - t_enc) * 1e3,
+                'rerank_ms': (end - t_search) * 1e3, 'wall_ms': (end - start) * 1e3}
 
 
-class CoreWorker:
-    """Localizer.process in one persistent worker thread, like the node's worker (torch threads behave
-    differently in the main thread and in others; on a busy machine that changes the encode time several-fold)."""
+class CoreWorker(InThread):
+    """Localizer.process in the bench's worker thread."""
 
     def __init__(self, config, encoder, map_path) -> None:
         from fol_ros.pipeline import Localizer
         from fol_ros.search.place_map import PlaceMap
         self.loc = Localizer(config, encoder, PlaceMap.load(map_path, expect=encoder.info))
-        self.jobs: queue.Queue = queue.Queue()
-        self.done: queue.Queue = queue.Queue()
-        threading.Thread(target=self._work, daemon=True).start()
+        super().__init__()
 
-    def _work(self) -> None:
-        while True:
-            image, stamp = self.jobs.get()
-            start = time.perf_counter()
-            result = self.loc.process(image, stamp)
-            row = {s: getattr(result.timings, s) for s in STAGES}
-            row['wall_ms'] = (time.perf_counter() - start) * 1000.0
-            self.done.put(row)
-
-    def run(self, image, stamp: int) -> dict:
-        self.jobs.put((image, stamp))
-        return self.done.get()
+    def frame(self, image, stamp: int) -> dict:
+        start = time.perf_counter()
+        result = self.loc.process(image, stamp)
+        row = {s: getattr(result.timings, s) for s in STAGES}
+        row['wall_ms'] = (time.perf_counter() - start) * 1000.0
+        return row
 
 
 def node_frame(client, image, stamp: int) -> dict:

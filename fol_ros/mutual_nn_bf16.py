@@ -175,13 +175,14 @@ def _row_argmax(bits: np.ndarray, lc: int, lq: int, bound: np.ndarray, live: np.
     return arg
 
 
-def _column_first_argmax(bits: np.ndarray, col_blocks: np.ndarray, lc: int, cols: np.ndarray, bound_max: float,
+def _column_first_argmax(bits: np.ndarray, col_blocks: np.ndarray, col_floor: np.ndarray, lc: int, cols: np.ndarray,
                          gamma_max: float, c32: np.ndarray, q32: np.ndarray, cand_t: torch.Tensor,
                          q_t: torch.Tensor, chunk: int) -> np.ndarray:
     """fp32-GEMM first argmax (candidate row) of each query column in `cols`; col_blocks: maxima of `bits` over
-    blocks of BLOCK rows [n blocks, Lq] (padding rows are zeros: never above a positive floor)."""
+    blocks of BLOCK rows [n blocks, Lq] (padding rows are zeros: never above a positive floor); col_floor:
+    `_column_floor` of every column."""
     blocks_of = col_blocks[:, cols]                                  # [n row blocks, n cols]
-    floor = _column_floor(blocks_of, bound_max, gamma_max)
+    floor = col_floor[cols]
     rb, ci = np.nonzero(blocks_of >= floor[None, :])
     runs = bits.reshape(-1, BLOCK, bits.shape[1])[rb, :, cols[ci]]     # [n, BLOCK] rows of each candidate block
     k, off = np.nonzero(runs >= floor[ci][:, None])
@@ -251,8 +252,8 @@ def _candidate(query: _Query, cand: np.ndarray, threshold: float, chunk: int, si
     jq = j[ic]
     cols, where = np.unique(jq, return_inverse=True)
     if len(ic):
-        owner = _column_first_argmax(bits, col_blocks, lc, cols, float(bound.max()), float(gamma_row.max()), c32,
-                                     q32, cand_t, query.q_t, chunk)
+        owner = _column_first_argmax(bits, col_blocks, col_floor, lc, cols, float(gamma_row.max()), c32, q32, cand_t,
+                                     query.q_t, chunk)
         mutual = owner[where] == ic
         ic, jq = ic[mutual], jq[mutual]
     return jq, ic, c32[ic]

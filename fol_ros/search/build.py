@@ -62,8 +62,9 @@ def build_map(frames: Iterable, encoder, out: str | Path, keyframe: KeyframeConf
     storage.clean_leftovers(out)   # staging folders of builds that were killed (they are never reused)
     staging = storage.temp_sibling(out, 'building')
     report, t0 = BuildReport(out), time.perf_counter()
-    kind = tokens if isinstance(tokens, str) or tokens is None else tokens.kind
-    state = _State(encoder, staging, KeyframeSelector(keyframe), report, kind or 'fp16')
+    kind = (tokens if isinstance(tokens, str) or tokens is None else tokens.kind) or 'fp16'
+    # the staging log keeps what the map keeps until the final save codes it: fp32 for fp32, fp16 for the others
+    state = _State(encoder, staging, KeyframeSelector(keyframe), report, 'fp32' if kind == 'fp32' else 'fp16')
     try:
         from tqdm import tqdm
         total = total if total is not None else (len(frames) if hasattr(frames, '__len__') else None)
@@ -89,9 +90,9 @@ def build_map(frames: Iterable, encoder, out: str | Path, keyframe: KeyframeConf
 
 class _State:
     def __init__(self, encoder, staging: Path, selector: KeyframeSelector, report: BuildReport,
-                 token_kind: str = 'fp16') -> None:
+                 log_tokens: str = 'fp16') -> None:
         self.encoder, self.staging, self.selector, self.report = encoder, staging, selector, report
-        self.token_kind = token_kind   # the log keeps fp32 tokens for an fp32 map, fp16 for the others
+        self.log_tokens = log_tokens
         self.pmap: PlaceMap | None = None
         self.index = GlobalIndex()
 
@@ -99,7 +100,7 @@ class _State:
         if self.pmap is None:   # dims come from the first encoding (the tiny test model and real ones differ)
             self.pmap = PlaceMap.open_append(self.staging, self.encoder.info, durable=False,
                                              global_dim=len(encoding.global_desc), local_dim=encoding.local.shape[1],
-                                             tokens='fp32' if self.token_kind == 'fp32' else 'fp16')
+                                             tokens=self.log_tokens)
         pid = self.pmap.add(encoding, frame.stamp_ns, frame.pose, source=frame.source, frame_id=frame.frame_id)
         if self.selector.uses_novelty:
             self.index.add(np.asarray(encoding.global_desc, np.float32)[None], np.array([pid]))

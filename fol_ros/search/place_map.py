@@ -58,7 +58,6 @@ class PlaceMap:
         self.calibration_problem = ''    # why a calibration.json on disk was not used ('' = none or fine)
         self.codec = tokens_module.fp16_codec(self.local_dim)   # how the saved base tokens are stored (tokens.py)
         self._side: tuple = ()                 # the codec's per-token side arrays of the base (int8 scales)
-        self._log_dtype: dict[int, str] = {}   # logged places whose tokens are not fp16 (an fp32 map's)
 
     # ----- construction -------------------------------------------------------------------------------
     @classmethod
@@ -106,9 +105,11 @@ class PlaceMap:
             if isinstance(entry, store.LoggedRemove):
                 pmap._drop(entry.ids)
             else:
+                if entry.token_dtype != tokens_module.working_dtype(pmap.codec.kind):
+                    raise MapError(f'{stored.path}: append.log holds {entry.token_dtype} tokens for place '
+                                   f'{entry.place.place_id} but this {pmap.codec.kind} map logs '
+                                   f'{tokens_module.working_dtype(pmap.codec.kind)}; the log is corrupt')
                 pmap._insert(entry.place, entry.global_desc, (_LOGGED, entry.tokens_at))
-                if entry.token_dtype != 'float16':
-                    pmap._log_dtype[entry.place.place_id] = entry.token_dtype
         pmap._log_map, pmap._log_size = stored.log_buffer, stored.log_size
         pmap._next_id = stored.next_place_id
         pmap._cache = None
@@ -209,8 +210,7 @@ class PlaceMap:
                                        tuple(a[off:off + n] for a in self._side))
         if self._log_map is None or len(self._log_map) < self._log_size:
             self._remap_log()
-        return store.log_tokens(self._log_map, off, n, self.local_dim,
-                                self._log_dtype.get(int(place_id), 'float16'))
+        return store.log_tokens(self._log_map, off, n, self.local_dim, tokens_module.working_dtype(self.codec.kind))
 
     # ----- growth -------------------------------------------------------------------------------------
     def add(self, encoding: Encoding, stamp_ns: int, pose: Pose | None = None, source: str = '',
@@ -223,8 +223,6 @@ class PlaceMap:
             record, tokens_at = store.add_record(place, g, (local, index, xy))
             start = self._append(record)
             where = (_LOGGED, start + tokens_at)
-            if local.dtype != np.float16:
-                self._log_dtype[place.place_id] = str(local.dtype)
         else:
             self._mem_tokens.append((local, index, xy))
             where = (_MEM, len(self._mem_tokens) - 1)
@@ -297,7 +295,7 @@ class PlaceMap:
     def _check(self, enc: Encoding) -> tuple[np.ndarray, ...]:
         g = np.ascontiguousarray(enc.global_desc, np.float32).reshape(-1)
         # new places keep what the saved tokens keep: fp32 in an fp32 map, fp16 otherwise (until coded at save)
-        local = np.ascontiguousarray(enc.local, np.float32 if self.codec.kind == 'fp32' else np.float16)
+        local = np.ascontiguousarray(enc.local, tokens_module.working_dtype(self.codec.kind))
         index = np.ascontiguousarray(enc.local_index, np.int32).reshape(-1)
         xy = np.ascontiguousarray(enc.local_xy, np.float32).reshape(-1, 2)
         if g.shape[0] != self.global_dim or local.ndim != 2 or local.shape[1] != self.local_dim:
