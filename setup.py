@@ -12,7 +12,8 @@ setup(
     python_requires='>=3.11',   # Jazzy/Kilted (Ubuntu 24.04: 3.12); no Humble (3.10): README
     # Versions are pinned in requirements.txt; these are the floors the code needs.
     install_requires=['numpy>=1.24', 'torch>=2.1', 'faiss-cpu>=1.7', 'opencv-python-headless>=4.8',
-                      'rosbags>=0.10', 'PyYAML>=6', 'tqdm>=4.60', 'matplotlib>=3.7', 'scikit-learn>=1.3'],
+                      'rosbags>=0.10', 'PyYAML>=6', 'tqdm>=4.60', 'matplotlib>=3.7', 'scikit-learn>=1.3',
+                      'numba>=0.57'],
     extras_require={'onnx': ['onnx>=1.15', 'onnxruntime>=1.17'], 'test': ['pytest>=8']},
     entry_points={'console_scripts': [
         'fol-ros = fol_ros.cli:main',

@@ -10,7 +10,8 @@ be one. Per candidate:
    rounding (half an ulp of bf16 below 1).
 3. Row i's fp32-GEMM argmax can only be an entry with B_ij >= max_j B_ij - 2 E_i - 2 gamma_i: about 4 of ~3,400
    columns on real tokens. Those are found on 64-column block maxima (bf16 compares as int16 for positive values)
-   and evaluated in fp32. When the best beats the second by more than the fp32 error of both evaluations, the
+   and evaluated in fp32 or better (float64 in the numba loops of `mutual_nn_jit`; numpy's fp32 einsum where
+   numba is missing). When the best beats the second by more than the fp32 error of both evaluations, the
    fp32 GEMM has the same argmax; otherwise (a near tie, ~0.3 % of rows) the row is recomputed with the fp32 GEMM
    exactly as `mutual_nn` computes it, and the first maximum taken.
 4. The same for the column of each row's best query token (the mutual test), among the rows within the bound of
@@ -33,6 +34,11 @@ import torch
 
 from fol_ros import mutual_nn
 from fol_ros.mutual_nn import Matches, padded
+
+try:
+    from fol_ros import mutual_nn_jit
+except ImportError:   # numba is optional: the numpy formulation decides the same pairs, slower
+    mutual_nn_jit = None
 
 BLOCK = 64                       # columns per block maximum (Lq is padded to a multiple of it)
 TILE_ROWS = 1024                 # rows per bf16 GEMM call
@@ -135,23 +141,17 @@ def _column_floor(col_blocks: np.ndarray, bound_max: float, gamma_max: float) ->
     return _bits_below(np.maximum(col_max - 2 * bound_max - 2 * gamma_max, np.float32(2.0 ** -126)))
 
 
-def _row_argmax(bits: np.ndarray, lc: int, lq: int, bound: np.ndarray, live: np.ndarray, c32: np.ndarray,
-                q32: np.ndarray, cand_t: torch.Tensor, q_t: torch.Tensor, gamma_row: np.ndarray,
-                block_max: np.ndarray, col_floor: np.ndarray) -> np.ndarray:
-    """fp32-GEMM first argmax (query column) of each live row that can be mutual, -1 for the others.
-
-    A row can only be mutual if some column that may be its argmax also may have it as argmax: when every entry
-    of its candidate set lies below its column's floor (`col_floor`), whichever is the argmax, the row is not
-    that column's argmax. Most rows end there, before any fp32 evaluation (~90 % on real tokens)."""
+def _row_candidates_numpy(bits: np.ndarray, block_max: np.ndarray, live: np.ndarray, floor: np.ndarray,
+                          col_floor: np.ndarray, lq: int, c32: np.ndarray, q32: np.ndarray,
+                          gap: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`mutual_nn_jit.row_first_best` in numpy (without numba): the same (first, near)."""
+    lc = len(block_max)
+    first = np.full(lc, -1, np.int64)
+    near = np.zeros(lc, bool)
     rows = np.nonzero(live)[0]
-    arg = np.full(lc, -1, np.int64)
-    if len(rows) == 0:
-        return arg
-    row_max = _as_float(block_max[rows].max(1))
-    floor = _bits_below(row_max - 2 * bound[rows] - 2 * gamma_row[rows])
-    bi, bj = np.nonzero(block_max[rows] >= floor[:, None])          # candidate blocks, row-major
+    bi, bj = np.nonzero(block_max[rows] >= floor[rows][:, None])    # candidate blocks, row-major
     blocks = bits[:lc].reshape(lc, -1, BLOCK)[rows[bi], bj]          # [n blocks, 64]
-    k, col = np.nonzero(blocks >= floor[bi][:, None])
+    k, col = np.nonzero(blocks >= floor[rows][bi][:, None])
     ri, cj = bi[k], bj[k] * BLOCK + col                               # candidate (row position, column), row-major
     inside = cj < lq
     ri, cj, b = ri[inside], cj[inside], blocks[k, col][inside]
@@ -161,26 +161,39 @@ def _row_argmax(bits: np.ndarray, lc: int, lq: int, bound: np.ndarray, live: np.
     ri, cj = ri[keep], cj[keep]
     rows_m = np.nonzero(maybe)[0]
     if len(rows_m) == 0:
-        return arg
+        return first, near
     ri = np.searchsorted(rows_m, ri)                                  # positions among the rows kept
     rows = rows[rows_m]
     vals = _exact_dots(c32, rows[ri], q32, cj)
     starts = np.searchsorted(ri, np.arange(len(rows)))
-    best, first, second, ties = _first_best(vals, cj, starts, len(rows))
-    # fp32 einsum and fp32 GEMM are each within gamma |c||q| of the exact dot: a gap above 4 gamma decides
-    near = ties | (best - second <= 4 * gamma_row[rows])
-    arg[rows] = first
+    best, first[rows], second, ties = _first_best(vals, cj, starts, len(rows))
+    near[rows] = ties | (best - second <= gap[rows])
+    return first, near
+
+
+def _row_argmax(bits: np.ndarray, lq: int, bound: np.ndarray, live: np.ndarray, c32: np.ndarray,
+                q32: np.ndarray, cand_t: torch.Tensor, q_t: torch.Tensor, gamma_row: np.ndarray,
+                block_max: np.ndarray, row_max: np.ndarray, col_floor: np.ndarray, compiled: bool) -> np.ndarray:
+    """fp32-GEMM first argmax (query column) of each live row that can be mutual, -1 for the others.
+
+    Row i's candidates are its entries >= floor_i = row max - 2 E_i - 2 gamma_i (64-column blocks whose maximum
+    is below are skipped). A row can only be mutual if some column that may be its argmax also may have it as
+    argmax: when every candidate entry lies below its column's floor (`col_floor`), whichever is the argmax, the
+    row is not that column's argmax. Most rows end there, before any fp32 evaluation (~90 % on real tokens).
+    fp32 einsum and fp32 GEMM are each within gamma |c||q| of the exact dot: a gap above 4 gamma decides; closer
+    rows are recomputed with the fp32 GEMM."""
+    floor = _bits_below(row_max - 2 * bound - 2 * gamma_row)    # rows not live: never read
+    find = mutual_nn_jit.row_first_best if compiled else _row_candidates_numpy
+    arg, near = find(bits, block_max, live, floor, col_floor, lq, c32, q32, 4 * gamma_row)
     if near.any():
-        arg[rows[near]] = _gemm_row_argmax(cand_t, q_t, rows[near], lq)
+        rows = np.nonzero(near)[0]
+        arg[rows] = _gemm_row_argmax(cand_t, q_t, rows, lq)
     return arg
 
 
-def _column_first_argmax(bits: np.ndarray, col_blocks: np.ndarray, col_floor: np.ndarray, lc: int, cols: np.ndarray,
-                         gamma_max: float, c32: np.ndarray, q32: np.ndarray, cand_t: torch.Tensor,
-                         q_t: torch.Tensor, chunk: int) -> np.ndarray:
-    """fp32-GEMM first argmax (candidate row) of each query column in `cols`; col_blocks: maxima of `bits` over
-    blocks of BLOCK rows [n blocks, Lq] (padding rows are zeros: never above a positive floor); col_floor:
-    `_column_floor` of every column."""
+def _column_candidates_numpy(bits: np.ndarray, col_blocks: np.ndarray, col_floor: np.ndarray, cols: np.ndarray,
+                             c32: np.ndarray, q32: np.ndarray, gap: float) -> tuple[np.ndarray, np.ndarray]:
+    """`mutual_nn_jit.column_first_best` in numpy (without numba): the same (first, near)."""
     blocks_of = col_blocks[:, cols]                                  # [n row blocks, n cols]
     floor = col_floor[cols]
     rb, ci = np.nonzero(blocks_of >= floor[None, :])
@@ -192,7 +205,17 @@ def _column_first_argmax(bits: np.ndarray, col_blocks: np.ndarray, col_floor: np
     vals = _exact_dots(c32, ri, q32, cols[ci])
     starts = np.searchsorted(ci, np.arange(len(cols)))
     best, first, second, ties = _first_best(vals, ri, starts, len(cols))
-    near = ties | (best - second <= 4 * gamma_max)
+    return first, ties | (best - second <= gap)
+
+
+def _column_first_argmax(bits: np.ndarray, col_blocks: np.ndarray, col_floor: np.ndarray, lc: int, cols: np.ndarray,
+                         gamma_max: float, c32: np.ndarray, q32: np.ndarray, cand_t: torch.Tensor,
+                         q_t: torch.Tensor, chunk: int, compiled: bool) -> np.ndarray:
+    """fp32-GEMM first argmax (candidate row) of each query column in `cols`; col_blocks: maxima of `bits` over
+    blocks of BLOCK rows [n blocks, Lq] (padding rows are zeros: never above a positive floor); col_floor:
+    `_column_floor` of every column."""
+    find = mutual_nn_jit.column_first_best if compiled else _column_candidates_numpy
+    first, near = find(bits, col_blocks, col_floor, cols, c32, q32, 4 * gamma_max)
     if near.any():
         first[near] = mutual_nn._first_argmax_of_columns(cand_t, lc, q_t, cols[near], chunk)
     return first
@@ -222,7 +245,7 @@ class _Query:
     norm: float
 
 
-def _candidate(query: _Query, cand: np.ndarray, threshold: float, chunk: int, sim: torch.Tensor):
+def _candidate(query: _Query, cand: np.ndarray, threshold: float, chunk: int, sim: torch.Tensor, compiled: bool):
     """Mutual pairs (query rows, candidate rows, candidate token values) of one candidate before the threshold
     test, or None when its tokens are too far from unit norm for the int16 view (then the fp32 path runs)."""
     lc, lq, q32, dim = len(cand), query.length, query.q32, query.q32.shape[1]
@@ -247,27 +270,36 @@ def _candidate(query: _Query, cand: np.ndarray, threshold: float, chunk: int, si
     if not (row_max[live] - 2 * bound[live] - 2 * gamma_row[live] > 0).all():
         return None
     col_floor = _column_floor(col_blocks, float(bound.max()), float(gamma_row.max()))
-    j = _row_argmax(bits, lc, lq, bound, live, c32, q32, cand_t, query.q_t, gamma_row, block_max, col_floor)
+    j = _row_argmax(bits, lq, bound, live, c32, q32, cand_t, query.q_t, gamma_row, block_max, row_max, col_floor,
+                    compiled)
     ic = np.nonzero(j >= 0)[0]
     jq = j[ic]
     cols, where = np.unique(jq, return_inverse=True)
     if len(ic):
         owner = _column_first_argmax(bits, col_blocks, col_floor, lc, cols, float(gamma_row.max()), c32, q32, cand_t,
-                                     query.q_t, chunk)
+                                     query.q_t, chunk, compiled)
         mutual = owner[where] == ic
         ic, jq = ic[mutual], jq[mutual]
     return jq, ic, c32[ic]
 
 
 def match(query: np.ndarray, cands: Sequence[np.ndarray], threshold: float, budget_mb: float,
-          dev: torch.device = torch.device('cpu'), workers: int = WORKERS) -> Matches:
+          dev: torch.device = torch.device('cpu'), workers: int = WORKERS, compiled: bool | None = None) -> Matches:
     """Counted mutual-NN pairs of every candidate, equal to `mutual_nn.match` (fp32) by construction (module doc).
 
-    CPU only; needs `usable(...)`. Candidates run on `workers` threads: half of each candidate's time is
-    single-threaded numpy (which releases the GIL), so a second candidate keeps the other core busy. The workspace
+    compiled: decide rows and columns with the numba loops (`mutual_nn_jit`, default where numba imports) or with
+    the numpy formulation; the same pairs either way.
+
+    CPU only; needs `usable(...)`. Candidates run on `workers` threads: over half of each candidate's time is
+    single-threaded (numpy and the numba loops, both without the GIL), so a second candidate keeps the other core
+    busy. The workspace
     is one candidate's bf16 similarity matrix (23 MB at 3,400 tokens) per worker. Few torch calls per candidate
     (the bf16 GEMM tiles, one block maximum); the official threshold test runs once for all candidates at the end.
     """
+    if compiled is None:
+        compiled = mutual_nn_jit is not None
+    elif compiled and mutual_nn_jit is None:
+        raise ImportError('the compiled bf16 screen needs numba: pip install numba (apt: python3-numba)')
     q32 = mutual_nn._fp32_padded(query)
     q_bits = bf16_bits(q32)
     q_res, _, qb_norm = (float(v.max()) for v in token_norms(q32, _as_float(q_bits)))
@@ -285,7 +317,7 @@ def match(query: np.ndarray, cands: Sequence[np.ndarray], threshold: float, budg
 
     def run(slot: int) -> list:
         with torch.inference_mode():   # thread-local: the buffers were made under the caller's inference mode
-            return [(k, _candidate(qry, cands[k], threshold, chunk, buffers[slot]))
+            return [(k, _candidate(qry, cands[k], threshold, chunk, buffers[slot], compiled))
                     for k in todo[slot::len(buffers)]]
     if len(buffers) == 1:
         results = run(0)

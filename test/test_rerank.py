@@ -204,8 +204,9 @@ def test_counts_equal_the_official_formulation_on_real_corridor_tokens(corridor_
     for kernel in ('fp32', 'bf16'):
         assert mutual_nn_counts(q, cands, kernel=kernel).tolist() == official, kernel
     assert mutual_nn_counts(q, cands, budget_mb=1.0, kernel='fp32').tolist() == official    # 64-row tiles
-    fp32, bf16 = _fp32_and_bf16(q, cands)
-    _assert_same(fp32, bf16)
+    for compiled in (True, False):
+        fp32, bf16 = _fp32_and_bf16(q, cands, compiled=compiled)
+        _assert_same(fp32, bf16)
     import torch
 
     from fol_ros import mutual_nn
@@ -214,13 +215,18 @@ def test_counts_equal_the_official_formulation_on_real_corridor_tokens(corridor_
 
 # --- the bf16 screen (fol_ros.mutual_nn_bf16): the fp32 counts and pairs, whatever the CPU ------------------------
 
-def _fp32_and_bf16(q, cands, thr=0.7):
+def _fp32_and_bf16(q, cands, thr=0.7, compiled=None):
     import torch
 
     from fol_ros import mutual_nn, mutual_nn_bf16
     dev = torch.device('cpu')
     with torch.inference_mode():
-        return (mutual_nn.match(q, cands, thr, 512.0, dev), mutual_nn_bf16.match(q, cands, thr, 512.0, dev))
+        return (mutual_nn.match(q, cands, thr, 512.0, dev),
+                mutual_nn_bf16.match(q, cands, thr, 512.0, dev, compiled=compiled))
+
+
+# the screen's rows and columns are decided by numba loops (mutual_nn_jit) or, without numba, in numpy: both run
+BOTH_SCREENS = pytest.mark.parametrize('compiled', [True, False], ids=['numba', 'numpy'])
 
 
 def _assert_same(a, b):
@@ -248,19 +254,21 @@ def decisions(monkeypatch):
     return seen
 
 
+@BOTH_SCREENS
 @pytest.mark.parametrize('seed', [0, 1, 2])
-def test_bf16_screen_equals_fp32_on_ragged_random_inputs(seed):
+def test_bf16_screen_equals_fp32_on_ragged_random_inputs(seed, compiled):
     rng = np.random.default_rng(seed)
     q = _unit(rng.normal(size=(150, 128))).astype(np.float32)
     cands = [_related(rng, q, int(rng.integers(1, 200)), rng.uniform(0, 0.9), rng.uniform(0.05, 1.0) / np.sqrt(128))
              for _ in range(8)] + [np.zeros((0, 128), np.float32)]
-    fp32, bf16 = _fp32_and_bf16(q, cands)
+    fp32, bf16 = _fp32_and_bf16(q, cands, compiled=compiled)
     assert fp32.counts.max() > 20 and (fp32.counts == 0).sum() >= 1
     _assert_same(fp32, bf16)
     assert bf16.counts.tolist() == [len(reference_pairs(q, c)) for c in cands]
 
 
-def test_bf16_screen_is_exact_on_adversarial_near_ties(decisions):
+@BOTH_SCREENS
+def test_bf16_screen_is_exact_on_adversarial_near_ties(decisions, compiled):
     """Candidates whose similarities differ from each other by 1e-3 .. 1e-8 (far inside bf16's error), exact
     duplicates, and pairs whose cosine sits within float rounding of the threshold: the result must be the fp32
     one, and the near ties must actually have gone to the fp32 GEMM."""
@@ -279,20 +287,21 @@ def test_bf16_screen_is_exact_on_adversarial_near_ties(decisions):
         ortho_part = _unit(ortho_part)
         cands.append((cos * q[0] + np.sqrt(1 - cos ** 2) * ortho_part).astype(np.float32))
     for query in (q, q_dup):
-        fp32, bf16 = _fp32_and_bf16(query, cands)
+        fp32, bf16 = _fp32_and_bf16(query, cands, compiled=compiled)
         _assert_same(fp32, bf16)
     assert fp32.counts[:4].min() > 20
     assert decisions['rows'] > 50 and decisions['cols'] > 10     # the fp32 fallbacks ran
 
 
-def test_bf16_screen_on_one_hot_tokens_and_fallbacks():
+@BOTH_SCREENS
+def test_bf16_screen_on_one_hot_tokens_and_fallbacks(compiled):
     """Exact ties everywhere (one-hot: every similarity 0 or 1 in every precision); quirk A and thresholds <= 0.1
     take the fp32 path, with the same public results."""
     rng = np.random.default_rng(2)
     eye = np.eye(8, dtype=np.float32)
     q = eye[rng.integers(0, 6, 40)]
     cands = [eye[rng.integers(0, 8, int(n))] for n in rng.integers(1, 30, 6)]
-    fp32, bf16 = _fp32_and_bf16(q, cands)
+    fp32, bf16 = _fp32_and_bf16(q, cands, compiled=compiled)
     _assert_same(fp32, bf16)
     assert bf16.counts.tolist() == [len(reference_pairs(q, c)) for c in cands]
     same = np.array([[1.0, 0.0]], np.float32)
