@@ -1,6 +1,7 @@
 """Scale numbers (issue 17.3): search latency and recall@10 against exact search at 10k, 100k and 1M places of real
 8448-d FoL global descriptors, for faiss flat, IVF and HNSW (the node's own `GlobalIndex`), IVF-PQ (what fits at 1M),
-IVF-SQ8 (`faiss-ivfsq8`, 8-bit codes: 8.4 GB at 1M, which needs ~22 GB while its lists grow) and any other back end;
+IVF-SQ8 (`faiss-ivfsq8`, 8-bit codes: 8.4 GB at 1M), flat over fp16 copies (`faiss-flat-fp16`, 16.9 GB at 1M)
+and any other back end;
 RAM and disk per place.
 
     .venv/bin/python bench/bench_scale.py [--n 10000 100000 1000000] [--backends faiss-flat faiss-ivf faiss-hnsw]
@@ -122,54 +123,103 @@ class FaissBackend:
 
 class IvfCodesBackend:
     """faiss IVF over compressed vectors, what fits at 1M: IndexIVFPQ (8448 / 32 = 264 bytes per place) or
-    IndexIVFScalarQuantizer with 8-bit codes (8,448 bytes per place, 8.4 GB at 1M), trained on the first chunk(s)
-    and filled chunk by chunk, so the fp32 vectors are never all in RAM. Not node index types (GlobalIndex has
-    flat/ivf/hnsw)."""
+    IndexIVFScalarQuantizer with 8-bit codes (8,448 bytes per place, 8.4 GB at 1M), trained on the first chunks.
+    Built in two passes over the (regenerated) chunks so that neither the fp32 vectors nor growing lists are ever
+    all in RAM: pass 1 assigns every place to its list, each list is then sized exactly once, pass 2 encodes the
+    chunks and writes each list's entries in place (appending chunk by chunk doubled the lists' buffers: the 8.4 GB
+    of SQ8 codes peaked above 23 GB). Not node index types (GlobalIndex has flat/ivf/hnsw)."""
 
     def __init__(self, dim: int, nlist: int, nprobe: int, codes: str = 'pq', m: int = 264,
                  train: int = 40_000) -> None:
         import faiss
-        self.faiss, self.dim, self.train_n = faiss, dim, train
-        coarse = faiss.IndexFlatIP(dim)
-        if codes == 'pq':
-            ivf = faiss.IndexIVFPQ(coarse, dim, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
-        else:
-            ivf = faiss.IndexIVFScalarQuantizer(coarse, dim, nlist, faiss.ScalarQuantizer.QT_8bit,
-                                                faiss.METRIC_INNER_PRODUCT)
-        self._coarse = coarse   # the IVF index does not own it
-        self.index = faiss.IndexIDMap2(ivf)
-        self.ivf = faiss.extract_index_ivf(self.index)
-        self.ivf.nprobe = nprobe
-        self.pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self.faiss, self.dim, self.train_n, self.nlist = faiss, dim, train, nlist
+        self.coarse = faiss.IndexFlatIP(dim)   # the IVF index does not own it
+        self.codes, self.m, self.nprobe = codes, m, nprobe
+        self.ivf = None
 
-    def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
-        if not self.ivf.is_trained:
-            self.pending.append((vectors, ids))
-            if sum(len(v) for v, _ in self.pending) < self.train_n:
-                return
-            x = np.concatenate([v for v, _ in self.pending])
-            self.ivf.nlist = min(self.ivf.nlist, max(1, len(x) // 39))
-            self.ivf.train(x[:self.train_n])
-            for v, i in self.pending:
-                self.index.add_with_ids(v, i)
-            self.pending = []
-            return
-        self.index.add_with_ids(vectors, ids)
+    def _make(self, nlist: int):
+        faiss = self.faiss
+        if self.codes == 'pq':
+            return faiss.IndexIVFPQ(self.coarse, self.dim, nlist, self.m, 8, faiss.METRIC_INNER_PRODUCT)
+        return faiss.IndexIVFScalarQuantizer(self.coarse, self.dim, nlist, faiss.ScalarQuantizer.QT_8bit,
+                                             faiss.METRIC_INNER_PRODUCT)
 
-    def finish(self) -> None:
-        if self.pending:   # fewer places than the training sample
-            x = np.concatenate([v for v, _ in self.pending])
-            self.pending = [(x, np.concatenate([i for _, i in self.pending]))]
-            self.train_n = len(x)
-            self.add(np.zeros((0, self.dim), np.float32), np.zeros(0, np.int64))
+    def build(self, make_chunks) -> None:
+        faiss = self.faiss
+        sample, lists = [], []
+        for _, x in make_chunks():                      # pass 1: train on the first chunks, assign every place
+            if self.ivf is None:
+                sample.append(x)
+                if sum(len(v) for v in sample) < self.train_n:
+                    continue
+                x_train = np.concatenate(sample)[:self.train_n]
+                self.ivf = self._make(min(self.nlist, max(1, len(x_train) // 39)))
+                self.ivf.train(x_train)
+                for v in sample:
+                    lists.append(self.coarse.search(v, 1)[1][:, 0])
+                sample = []
+                continue
+            lists.append(self.coarse.search(x, 1)[1][:, 0])
+        if self.ivf is None:                            # fewer places than the training sample
+            x_train = np.concatenate(sample)
+            self.ivf = self._make(min(self.nlist, max(1, len(x_train) // 39)))
+            self.ivf.train(x_train)
+            lists = [self.coarse.search(x_train, 1)[1][:, 0]]
+        list_of = np.concatenate(lists).astype(np.int64)
+        invlists = self.ivf.invlists
+        for lst, size in enumerate(np.bincount(list_of, minlength=self.ivf.nlist)):
+            invlists.resize(lst, int(size))
+        cursor = np.zeros(self.ivf.nlist, np.int64)
+        code_size = self.ivf.code_size
+        for start, x in make_chunks():                  # pass 2: encode, write each list's entries in place
+            nos = np.ascontiguousarray(list_of[start:start + len(x)])
+            codes = np.empty((len(x), code_size), np.uint8)
+            self.ivf.encode_vectors(len(x), faiss.swig_ptr(x), faiss.swig_ptr(nos), faiss.swig_ptr(codes))
+            ids = np.arange(start, start + len(x), dtype=np.int64)
+            order = np.argsort(nos, kind='stable')
+            bounds = np.flatnonzero(np.diff(nos[order])) + 1
+            for part in np.split(order, bounds):
+                lst, idx = int(nos[part[0]]), np.ascontiguousarray(ids[part])
+                block = np.ascontiguousarray(codes[part])
+                invlists.update_entries(lst, int(cursor[lst]), len(part), faiss.swig_ptr(idx), faiss.swig_ptr(block))
+                cursor[lst] += len(part)
+        self.ivf.ntotal = len(list_of)
+        self.ivf.nprobe = self.nprobe
+
+    def search(self, q: np.ndarray, k: int) -> np.ndarray:
+        return self.ivf.search(q, k)[1]
+
+    def ram_bytes(self) -> int:
+        return int(self.faiss.serialize_index(self.ivf).size)
+
+    disk_bytes = ram_bytes
+
+
+class Fp16FlatBackend:
+    """Exact (brute-force) inner product over fp16 copies of the vectors (faiss IndexScalarQuantizer QT_fp16): half
+    the RAM of flat fp32 (16.9 GB at 1M), what fits a flat index at 1M on a 24 GB machine. The code array is sized
+    once for all n places and filled chunk by chunk (growing it by appends would hold the old and the doubled
+    buffer at once, ~2x the codes). Not a node index type."""
+
+    def __init__(self, dim: int, n: int) -> None:
+        import faiss
+        self.faiss = faiss
+        self.index = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+        self.code_size = self.index.code_size
+        self.index.codes.resize(n * self.code_size)
+        self.codes = faiss.rev_swig_ptr(self.index.codes.data(), n * self.code_size).reshape(n, self.code_size)
+
+    def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:   # ids are 0..n-1 in order (run_one)
+        self.codes[ids] = self.index.sa_encode(vectors)
+        self.index.ntotal = int(ids[-1]) + 1
 
     def search(self, q: np.ndarray, k: int) -> np.ndarray:
         return self.index.search(q, k)[1]
 
     def ram_bytes(self) -> int:
-        return int(self.faiss.serialize_index(self.index).size)
+        return int(self.index.ntotal * self.code_size)
 
-    disk_bytes = ram_bytes
+    disk_bytes = ram_bytes   # faiss.write_index stores the codes as they are (+ a header)
 
 
 def _external(spec: str, dim: int):
@@ -179,10 +229,13 @@ def _external(spec: str, dim: int):
 
 def run_one(name: str, backend, real: np.ndarray, n: int, q: np.ndarray, truth: np.ndarray) -> dict:
     t0 = time.perf_counter()
-    for start, x in chunks(real, n):
-        backend.add(x, np.arange(start, start + len(x), dtype=np.int64))
-    if hasattr(backend, 'finish'):
-        backend.finish()
+    if hasattr(backend, 'build'):   # builds from the chunks itself (may pass over them twice)
+        backend.build(lambda: chunks(real, n))
+    else:
+        for start, x in chunks(real, n):
+            backend.add(x, np.arange(start, start + len(x), dtype=np.int64))
+        if hasattr(backend, 'finish'):
+            backend.finish()
     build = time.perf_counter() - t0
     lat, found = [], []
     for row in q:
@@ -215,7 +268,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--n', type=int, nargs='+', default=[10_000, 100_000, 1_000_000])
     p.add_argument('--backends', nargs='+', default=['faiss-flat', 'faiss-ivf', 'faiss-hnsw', 'faiss-ivfpq'],
-                   choices=['faiss-flat', 'faiss-ivf', 'faiss-hnsw', 'faiss-ivfpq', 'faiss-ivfsq8'])
+                   choices=['faiss-flat', 'faiss-ivf', 'faiss-hnsw', 'faiss-ivfpq', 'faiss-ivfsq8',
+                            'faiss-flat-fp16'])
     p.add_argument('--backend-module', action='append', default=[],
                    help='MODULE:FACTORY of another back end (see the module doc); repeatable')
     p.add_argument('--hnsw-max', type=int, default=10_000, help='HNSW only up to this many places (build time)')
@@ -223,6 +277,8 @@ def main() -> None:
     p.add_argument('--nlist', type=int, default=1024)
     p.add_argument('--nprobe', type=int, default=32)
     p.add_argument('--out', default=str(REPO / 'bench' / 'results' / 'scale.json'))
+    p.add_argument('--merge', action='store_true', help='keep the rows of --out for other (places, back end) pairs '
+                   '(e.g. add a 1M run to an earlier 10k/100k one)')
     args = p.parse_args()
     import faiss
     faiss.omp_set_num_threads(1)
@@ -242,8 +298,10 @@ def main() -> None:
             need = n * dim * 4 * (2 if name != 'faiss-hnsw' else 2.1)   # vectors + the copy taken while building
             if name == 'faiss-ivfpq':
                 need = n * 300 + CHUNK * dim * 8 + args.nlist * dim * 4
-            elif name == 'faiss-ivfsq8':   # inverted lists grow by doubling: up to ~2.5x the codes while adding
-                need = n * (dim + 40) * 2.6 + CHUNK * dim * 8 + args.nlist * dim * 4
+            elif name == 'faiss-flat-fp16':
+                need = n * dim * 2 + CHUNK * dim * 8
+            elif name == 'faiss-ivfsq8':   # the codes, sized once, and a chunk
+                need = n * (dim + 16) + CHUNK * dim * 16 + args.nlist * dim * 4
             if module is None and need > args.ram_gb * 2 ** 30:
                 rows.append({'places': n, 'backend': name, 'skipped': f'needs ~{need / 2 ** 30:.0f} GB of RAM '
                              f'(--ram-gb {args.ram_gb})'})
@@ -255,6 +313,8 @@ def main() -> None:
                 continue
             if module:
                 backend = _external(module, dim)
+            elif name == 'faiss-flat-fp16':
+                backend = Fp16FlatBackend(dim, n)
             elif name in ('faiss-ivfpq', 'faiss-ivfsq8'):
                 backend = IvfCodesBackend(dim, args.nlist, args.nprobe, name.removeprefix('faiss-ivf'))
             else:
@@ -267,6 +327,10 @@ def main() -> None:
                   f"{r['recall_at_10']:>9.3f} {ram:>12} {disk:>12}", flush=True)
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.merge and out.exists():
+        done = {(r['places'], r['backend']) for r in rows}
+        earlier = [r for r in json.loads(out.read_text())['rows'] if (r['places'], r['backend']) not in done]
+        rows = sorted(earlier + rows, key=lambda r: r['places'])
     out.write_text(json.dumps({'bench': 'scale', 'utc': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
                                'dim': dim, 'real_descriptors': len(real), 'noise_norm': NOISE, 'queries': QUERIES,
                                'nlist': args.nlist, 'nprobe': args.nprobe, 'cpu_count': os.cpu_count(),
