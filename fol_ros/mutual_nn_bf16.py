@@ -25,6 +25,7 @@ threshold (> 0.1): with a lower one, quirk A or non-finite tokens `match` runs t
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,9 +36,13 @@ import torch
 from fol_ros import mutual_nn
 from fol_ros.mutual_nn import Matches, padded
 
+LOG = logging.getLogger(__name__)
+
 try:
     from fol_ros import mutual_nn_jit
-except ImportError:   # numba is optional: the numpy formulation decides the same pairs, slower
+except Exception as exc:   # numba missing, or no writable cache dir: numpy decides the same pairs
+    LOG.warning('bf16 re-ranking screen without numba (%s): the same counts, about 1.4x slower; '
+                'pip install numba / apt install python3-numba, or set NUMBA_CACHE_DIR to a writable folder', exc)
     mutual_nn_jit = None
 
 BLOCK = 64                       # columns per block maximum (Lq is padded to a multiple of it)

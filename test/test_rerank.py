@@ -310,6 +310,36 @@ def test_bf16_screen_on_one_hot_tokens_and_fallbacks(compiled):
                                                                                        kernel='fp32').tolist()
 
 
+def test_bf16_screen_without_numba_warns_and_decides_in_numpy():
+    """A robot without numba (or without a writable numba cache) still re-ranks, with the same pairs."""
+    import pathlib
+    import subprocess
+    import sys
+    code = """
+import sys
+sys.modules['numba'] = None          # as if numba were not installed
+import logging
+logging.basicConfig()
+import numpy as np
+from fol_ros import mutual_nn_bf16 as m
+assert m.mutual_nn_jit is None
+rng = np.random.default_rng(0)
+q = rng.normal(size=(70, 16)).astype(np.float32)
+q /= np.linalg.norm(q, axis=1, keepdims=True)
+print(m.match(q, [q[:50], q[20:]], 0.7, 512.0).counts.tolist())
+try:
+    m.match(q, [q], 0.7, 512.0, compiled=True)
+except ImportError as exc:
+    print('refused:', exc)
+"""
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120, cwd=repo)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0] == '[50, 50]'
+    assert 'refused: the compiled bf16 screen needs numba' in out.stdout
+    assert 'bf16 re-ranking screen without numba' in out.stderr and 'python3-numba' in out.stderr
+
+
 def test_bf16_kernel_choice():
     import torch
 
