@@ -361,9 +361,13 @@ class Localizer:
         The first call of an engine allocates its workspaces and thread pools (several seconds on a CPU); doing that
         at start-up keeps the first camera frame from stalling the stream and dropping the frames behind it.
         """
+        from fol_ros.rerank import warm_up
+        start = time.perf_counter()
+        warm_up(self.config.rerank)   # an empty map re-ranks nothing below, yet its first places will be
         h, w = self.encoder.info.input_size
         black = np.zeros((h, w, 3), np.uint8)   # the cost of a frame does not depend on its content
-        return self.query(black, 2 ** 62).timings.total_ms   # far future: no place is excluded as recent
+        self.query(black, 2 ** 62)              # far future: no place is excluded as recent
+        return _ms(start)
 
     def reset(self) -> None:
         """Forget the temporal chain, the recent places and the keyframe history (the map itself stays)."""

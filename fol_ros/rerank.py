@@ -68,6 +68,19 @@ def mutual_nn_match(query_local: np.ndarray, cand_locals: Sequence[np.ndarray], 
         return match(query_local, cand_locals, threshold, budget_mb, dev, single_match_quirk)
 
 
+def warm_up(config: RerankConfig) -> None:
+    """Load the kernel `config` selects (the bf16 screen's compiled loops: ~1 s to compile on a machine's first
+    run, then read from numba's cache) on a tiny input, so that the first frame re-ranked does not pay for it,
+    even when the map is still empty at start-up."""
+    if not config.enabled:
+        return
+    rng = np.random.default_rng(0)
+    tokens = rng.normal(size=(96, 128)).astype(np.float32)
+    tokens /= np.linalg.norm(tokens, axis=1, keepdims=True)
+    mutual_nn_counts(tokens, [tokens[:80]], config.similarity_threshold, config.memory_budget_mb, config.device,
+                     kernel=config.kernel)
+
+
 def mutual_nn_counts(query_local: np.ndarray, cand_locals: Sequence[np.ndarray], threshold: float = 0.7,
                      budget_mb: float = 512.0, device: str = 'cpu', single_match_quirk: bool = False,
                      kernel: str = 'auto') -> np.ndarray:
