@@ -9,7 +9,9 @@ Methods, run interleaved (one repetition of each in turn) so background load hit
   Python loop with nonzero() and the elementwise threshold (quirk A fixed, as in every method here: a single
   pair counts 1; it changes nothing in the timing);
 * fused: `fol_ros.rerank.mutual_nn_counts(kernel='fp32')` (tiled fp32 GEMM, exact);
-* bf16: `mutual_nn_counts(kernel='bf16')` (bf16 screen, every decision checked in fp32; fol_ros.mutual_nn_bf16);
+* bf16: `mutual_nn_counts(kernel='bf16')` (bf16 screen, every decision checked in fp32; fol_ros.mutual_nn_bf16),
+  its rows and columns decided by the numba loops (fol_ros.mutual_nn_jit);
+* bf16-numpy: the same screen with those decisions in numpy (the fallback without numba);
 * faiss (--faiss): IndexFlatIP k=1 both ways on the same fp32 tokens (the GEMM twice; ties are faiss's own).
 The FLOP bound is the fp32 one for every method (the bf16 kernel is faster than it where the CPU has bf16).
 The FLOP bound is 2 * K * L_q * mean(L_c) * 128 at an fp32 GEMM rate measured in the same run on fused-sized tiles.
@@ -129,7 +131,7 @@ def workspace_mb(method: str, lq: int, lcs: list[int]) -> float:
         return (k * OFFICIAL_PAD ** 2 * 4 + (k + 1) * OFFICIAL_PAD * 128 * 4) / 2 ** 20
     lqp = mutual_nn.padded(lq)
     rows = sum(mutual_nn.padded(n) for n in lcs)
-    if method == 'bf16':    # per worker thread: one candidate's bf16 similarities, its fp32 copy, block maxima
+    if method.startswith('bf16'):    # per worker thread: one candidate's bf16 similarities, its fp32 copy, block maxima
         from fol_ros.mutual_nn_bf16 import WORKERS
         longest = max(mutual_nn.padded(n) for n in lcs)
         per_worker = longest * lqp * 2 + longest * 128 * 4 + longest * lqp * 2 // 64 * 2
@@ -140,12 +142,19 @@ def workspace_mb(method: str, lq: int, lcs: list[int]) -> float:
     return (max(lcs) * 128 * 4 + lq * 128 * 4 + (lq + max(lcs)) * 16) / 2 ** 20   # faiss: one candidate at a time
 
 
+def bf16_numpy(q: np.ndarray, cands: list[np.ndarray]) -> np.ndarray:
+    from fol_ros import mutual_nn_bf16
+    with torch.inference_mode():
+        return mutual_nn_bf16.match(q, cands, 0.7, 512.0, compiled=False).counts
+
+
 def run(args: argparse.Namespace) -> dict:
     tokens = (synthetic_tokens if args.synthetic else corridor_tokens)(max(args.k) + 1)
     q, refs = tokens[0], tokens[1:]
     methods = {'official': lambda c: official(q, c),
                'fused': lambda c: mutual_nn_counts(q, c, kernel='fp32'),
-               'bf16': lambda c: mutual_nn_counts(q, c, kernel='bf16')}
+               'bf16': lambda c: mutual_nn_counts(q, c, kernel='bf16'),
+               'bf16-numpy': lambda c: bf16_numpy(q, c)}
     if args.faiss:
         methods['faiss'] = lambda c: faiss_both_ways(q, c)
     rows = []
@@ -199,7 +208,7 @@ def machine() -> dict:
             'load_average_1m_at_start': os.getloadavg()[0], 'cpu_count': os.cpu_count()}
 
 
-HEADER = (f'{"K":>4} {"method":>9} {"ms":>8} {"x bound":>8} {"vs official":>12} {"workspace MB":>13} '
+HEADER = (f'{"K":>4} {"method":>10} {"ms":>8} {"x bound":>8} {"vs official":>12} {"workspace MB":>13} '
           f'{"counts = official":>18} {"= fused":>8}')
 
 
@@ -210,7 +219,7 @@ def _lines(r: dict) -> str:
         ms = '-' if e['ms'] is None else f'{e["ms"]:.0f}'
         xb = '-' if e['ms'] is None else f'{e["x_bound"]:.2f}'
         sp = '-' if e.get('speedup_vs_official') is None else f'{e["speedup_vs_official"]:.2f}x'
-        out.append(f'{r["k"]:>4} {m:>9} {ms:>8} {xb:>8} {sp:>12} {e["workspace_mb"]:>13.0f} '
+        out.append(f'{r["k"]:>4} {m:>10} {ms:>8} {xb:>8} {sp:>12} {e["workspace_mb"]:>13.0f} '
                    f'{str(e.get("counts_equal_official")):>18} {str(e.get("counts_equal_fused")):>8}')
     return '\n'.join(out)
 

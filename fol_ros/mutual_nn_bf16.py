@@ -41,7 +41,7 @@ LOG = logging.getLogger(__name__)
 try:
     from fol_ros import mutual_nn_jit
 except Exception as exc:   # numba missing, or no writable cache dir: numpy decides the same pairs
-    LOG.warning('bf16 re-ranking screen without numba (%s): the same counts, about 1.4x slower; '
+    LOG.warning('bf16 re-ranking screen without numba (%s): the same counts, up to 1.45x slower; '
                 'pip install numba / apt install python3-numba, or set NUMBA_CACHE_DIR to a writable folder', exc)
     mutual_nn_jit = None
 

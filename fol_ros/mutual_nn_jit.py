@@ -4,7 +4,8 @@ first best of them with the gap to the second best.
 
 The same decisions as the numpy formulation in `mutual_nn_bf16` (kept for machines without numba): numpy needs a
 gather of every candidate entry's token pair (~46k rows of 128 floats per candidate) and a dozen passes over
-index arrays, which cost twice the bf16 GEMM itself; here each row is one pass over its candidate blocks.
+index arrays, which cost several times the bf16 GEMM itself on the node's frames; here each row is one pass
+over its candidate blocks.
 
 Exactness: float64 products of fp32 values are exact and a 128-term float64 sum (in any order: `reassoc` lets the
 compiler vectorise it) is within 128 * 2^-53 of the exact dot, far inside the fp32 GEMM's gamma_128 that the
