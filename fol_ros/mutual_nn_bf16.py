@@ -297,9 +297,9 @@ def match(query: np.ndarray, cands: Sequence[np.ndarray], threshold: float, budg
 
     CPU only; needs `usable(...)`. Candidates run on `workers` threads: over half of each candidate's time is
     single-threaded (numpy and the numba loops, both without the GIL), so a second candidate keeps the other core
-    busy. The workspace
-    is one candidate's bf16 similarity matrix (23 MB at 3,400 tokens) per worker. Few torch calls per candidate
-    (the bf16 GEMM tiles, one block maximum); the official threshold test runs once for all candidates at the end.
+    busy. The workspace is one candidate's bf16 similarity matrix (23 MB at 3,400 tokens) per worker. Few torch
+    calls per candidate (the bf16 GEMM tiles, one block maximum); the official threshold test runs once for all
+    candidates at the end.
     """
     if compiled is None:
         compiled = mutual_nn_jit is not None
