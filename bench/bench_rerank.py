@@ -8,7 +8,9 @@ Methods, run interleaved (one repetition of each in turn) so background load hit
 * official: fol-method §9.2 written out: zero-padded to 3600, M = K x 3600 x 3600 at once, both argmaxes, a
   Python loop with nonzero() and the elementwise threshold (quirk A fixed, as in every method here: a single
   pair counts 1; it changes nothing in the timing);
-* fused: `fol_ros.rerank.mutual_nn_counts(kernel='fp32')` (tiled fp32 GEMM, exact);
+* fused: `fol_ros.rerank.mutual_nn_counts(kernel='fp32')` (tiled fp32 GEMM, exact; each column's first best row
+  kept while folding the tiles, fol_ros.mutual_nn_jit);
+* fused-numpy: the same without numba (the columns carrying candidate pairs recomputed afterwards);
 * bf16: `mutual_nn_counts(kernel='bf16')` (bf16 screen, every decision checked in fp32; fol_ros.mutual_nn_bf16),
   its rows and columns decided by the numba loops (fol_ros.mutual_nn_jit);
 * bf16-numpy: the same screen with those decisions in numpy (the fallback without numba);
@@ -136,10 +138,15 @@ def workspace_mb(method: str, lq: int, lcs: list[int]) -> float:
         longest = max(mutual_nn.padded(n) for n in lcs)
         per_worker = longest * lqp * 2 + longest * 128 * 4 + longest * lqp * 2 // 64 * 2
         return (min(WORKERS, k) * per_worker + lqp * 128 * 6) / 2 ** 20
-    if method == 'fused':   # tile + per-row max/argmax + per-candidate column maxima + query
+    if method.startswith('fused'):   # tile + per-row max/argmax + per-candidate column maxima + query
         r = mutual_nn.tile_rows(lqp, 512.0)
         return (r * lqp * 4 + r * 128 * 4 + rows * 12 + k * lqp * 4 + lqp * 128 * 4) / 2 ** 20
     return (max(lcs) * 128 * 4 + lq * 128 * 4 + (lq + max(lcs)) * 16) / 2 ** 20   # faiss: one candidate at a time
+
+
+def fused_numpy(q: np.ndarray, cands: list[np.ndarray]) -> np.ndarray:
+    with torch.inference_mode():
+        return mutual_nn.match(q, cands, 0.7, 512.0, torch.device('cpu'), compiled=False).counts
 
 
 def bf16_numpy(q: np.ndarray, cands: list[np.ndarray]) -> np.ndarray:
@@ -153,6 +160,7 @@ def run(args: argparse.Namespace) -> dict:
     q, refs = tokens[0], tokens[1:]
     methods = {'official': lambda c: official(q, c),
                'fused': lambda c: mutual_nn_counts(q, c, kernel='fp32'),
+               'fused-numpy': lambda c: fused_numpy(q, c),
                'bf16': lambda c: mutual_nn_counts(q, c, kernel='bf16'),
                'bf16-numpy': lambda c: bf16_numpy(q, c)}
     if args.faiss:
@@ -208,7 +216,7 @@ def machine() -> dict:
             'load_average_1m_at_start': os.getloadavg()[0], 'cpu_count': os.cpu_count()}
 
 
-HEADER = (f'{"K":>4} {"method":>10} {"ms":>8} {"x bound":>8} {"vs official":>12} {"workspace MB":>13} '
+HEADER = (f'{"K":>4} {"method":>11} {"ms":>8} {"x bound":>8} {"vs official":>12} {"workspace MB":>13} '
           f'{"counts = official":>18} {"= fused":>8}')
 
 
@@ -219,7 +227,7 @@ def _lines(r: dict) -> str:
         ms = '-' if e['ms'] is None else f'{e["ms"]:.0f}'
         xb = '-' if e['ms'] is None else f'{e["x_bound"]:.2f}'
         sp = '-' if e.get('speedup_vs_official') is None else f'{e["speedup_vs_official"]:.2f}x'
-        out.append(f'{r["k"]:>4} {m:>10} {ms:>8} {xb:>8} {sp:>12} {e["workspace_mb"]:>13.0f} '
+        out.append(f'{r["k"]:>4} {m:>11} {ms:>8} {xb:>8} {sp:>12} {e["workspace_mb"]:>13.0f} '
                    f'{str(e.get("counts_equal_official")):>18} {str(e.get("counts_equal_fused")):>8}')
     return '\n'.join(out)
 

@@ -25,7 +25,6 @@ threshold (> 0.1): with a lower one, quirk A or non-finite tokens `match` runs t
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -36,14 +35,6 @@ import torch
 from fol_ros import mutual_nn
 from fol_ros.mutual_nn import Matches, padded
 
-LOG = logging.getLogger(__name__)
-
-try:
-    from fol_ros import mutual_nn_jit
-except Exception as exc:   # numba missing, or no writable cache dir: numpy decides the same pairs
-    LOG.warning('bf16 re-ranking screen without numba (%s): the same counts, up to 1.45x slower; '
-                'pip install numba / apt install python3-numba, or set NUMBA_CACHE_DIR to a writable folder', exc)
-    mutual_nn_jit = None
 
 BLOCK = 64                       # columns per block maximum (Lq is padded to a multiple of it)
 TILE_ROWS = 1024                 # rows per bf16 GEMM call
@@ -188,7 +179,7 @@ def _row_argmax(bits: np.ndarray, lq: int, bound: np.ndarray, live: np.ndarray, 
     fp32 einsum and fp32 GEMM are each within gamma |c||q| of the exact dot: a gap above 4 gamma decides; closer
     rows are recomputed with the fp32 GEMM."""
     floor = _bits_below(row_max - 2 * bound - 2 * gamma_row)    # rows not live: never read
-    find = mutual_nn_jit.row_first_best if compiled else _row_candidates_numpy
+    find = mutual_nn.JIT.row_first_best if compiled else _row_candidates_numpy
     arg, near = find(bits, block_max, live, floor, col_floor, lq, c32, q32, 4 * gamma_row)
     if near.any():
         rows = np.nonzero(near)[0]
@@ -219,7 +210,7 @@ def _column_first_argmax(bits: np.ndarray, col_blocks: np.ndarray, col_floor: np
     """fp32-GEMM first argmax (candidate row) of each query column in `cols`; col_blocks: maxima of `bits` over
     blocks of BLOCK rows [n blocks, Lq] (padding rows are zeros: never above a positive floor); col_floor:
     `_column_floor` of every column."""
-    find = mutual_nn_jit.column_first_best if compiled else _column_candidates_numpy
+    find = mutual_nn.JIT.column_first_best if compiled else _column_candidates_numpy
     first, near = find(bits, col_blocks, col_floor, cols, c32, q32, 4 * gamma_max)
     if near.any():
         first[near] = mutual_nn._first_argmax_of_columns(cand_t, lc, q_t, cols[near], chunk)
@@ -301,10 +292,7 @@ def match(query: np.ndarray, cands: Sequence[np.ndarray], threshold: float, budg
     calls per candidate (the bf16 GEMM tiles, one block maximum); the official threshold test runs once for all
     candidates at the end.
     """
-    if compiled is None:
-        compiled = mutual_nn_jit is not None
-    elif compiled and mutual_nn_jit is None:
-        raise ImportError('the compiled bf16 screen needs numba: pip install numba (apt: python3-numba)')
+    compiled = mutual_nn.use_compiled(compiled)
     q32 = mutual_nn._fp32_padded(query)
     q_bits = bf16_bits(q32)
     q_res, _, qb_norm = (float(v.max()) for v in token_norms(q32, _as_float(q_bits)))

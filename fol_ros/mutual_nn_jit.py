@@ -1,6 +1,9 @@
-"""Compiled inner loops of the bf16 screen (`mutual_nn_bf16`, steps 3-4): for each row (column) that can still
-count, the entries of the bf16 similarity matrix at or above its floor, their dots evaluated in float64, and the
-first best of them with the gap to the second best.
+"""Compiled inner loops of the re-ranking kernels (numba; without it the callers do the same in numpy).
+
+The bf16 screen (`mutual_nn_bf16`, steps 3-4): for each row (column) that can still count, the entries of the
+bf16 similarity matrix at or above its floor, their dots evaluated in float64, and the first best of them with the
+gap to the second best. The fp32 tiles (`mutual_nn`): each tile's column maxima and their first rows, folded in
+one pass (numpy has no cheap first argmax along the columns, so without numba they are recomputed afterwards).
 
 The same decisions as the numpy formulation in `mutual_nn_bf16` (kept for machines without numba): numpy needs a
 gather of every candidate entry's token pair (~46k rows of 128 floats per candidate) and a dozen passes over
@@ -110,3 +113,18 @@ def column_first_best(bits, col_blocks, col_floor, cols, c32, q32, gap):
             first[t] = arg
             near[t] = ties or best - second <= gap
     return first, near
+
+
+@numba.njit(cache=True, nogil=True)
+def fold_columns(tile, first_row, col_max, col_arg):
+    """Fold the rows of `tile` [n, L] (rows first_row .. first_row + n - 1 of one candidate, in order) into its
+    running column maxima and their FIRST rows (strict >: an equal value later never replaces the earlier row,
+    numpy/torch argmax semantics). Branch-free selects, so the loop vectorises."""
+    n, width = tile.shape
+    for i in range(n):
+        row = first_row + i
+        for j in range(width):
+            v = tile[i, j]
+            better = v > col_max[j]
+            col_arg[j] = row if better else col_arg[j]
+            col_max[j] = v if better else col_max[j]

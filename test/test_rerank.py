@@ -109,6 +109,38 @@ def test_pairs_equal_reference():
     assert list(zip(iq.tolist(), ic.tolist())) == reference_pairs(q, c)
 
 
+def _tie_and_padding_cases():
+    """(query, candidates, threshold): ragged random, one-hot (exact ties everywhere), the earlier-row tie of the
+    test below, and all-negative similarities (padding must never win)."""
+    rng = np.random.default_rng(0)
+    q = _unit(rng.normal(size=(60, 16))).astype(np.float32)
+    yield q, [_related(rng, q, int(n), 0.6, 0.2) for n in (1, 63, 65, 130)] + [np.zeros((0, 16), np.float32)], 0.7
+    eye = np.eye(8, dtype=np.float32)
+    yield eye[rng.integers(0, 6, 40)], [eye[rng.integers(0, 8, int(n))] for n in (1, 29, 70, 140)], 0.7
+    yield (np.array([[1, 0, 0], [0.8, 0.6, 0]], np.float32), [np.array([[0.8, 0.6, 0], [0.8, 0, 0.6]], np.float32)],
+           0.7)
+    pos = _unit(np.abs(rng.normal(size=(70, 8)))).astype(np.float32)
+    yield pos, [-_unit(np.abs(rng.normal(size=(n, 8)))).astype(np.float32) for n in (1, 63, 65, 130)], -2.0
+
+
+@pytest.mark.parametrize('compiled', [True, False], ids=['numba', 'numpy'])
+def test_fp32_kernel_equals_reference_with_and_without_numba(compiled):
+    """The fp32 tiles keep each column's first best row while folding (numba) or recompute those columns (numpy):
+    the reference pairs either way, across tile boundaries (64-row tiles at the small budget)."""
+    import torch
+
+    from fol_ros import mutual_nn
+    cpu = torch.device('cpu')
+    for q, cands, thr in _tie_and_padding_cases():
+        ref = [reference_pairs(q, c, thr) for c in cands]
+        for budget in (512.0, 0.001):
+            got = mutual_nn.match(q, cands, thr, budget, cpu, compiled=compiled)
+            assert [list(zip(a.tolist(), b.tolist())) for a, b in got.pairs] == ref, (thr, budget)
+            assert got.counts.tolist() == [len(r) for r in ref]
+    same = np.array([[1.0, 0.0]], np.float32)
+    assert mutual_nn.match(same, [same], 0.7, 512.0, cpu, True, compiled=compiled).counts.tolist() == [0]
+
+
 def test_rerank_is_stable_with_ties_broken_by_global_rank():
     scores = np.array([0, 4, 0, 4, 9, 4, 0])
     assert rerank(np.arange(7), scores).tolist() == [4, 1, 3, 5, 0, 2, 6]
@@ -210,6 +242,7 @@ def test_counts_equal_the_official_formulation_on_real_corridor_tokens(corridor_
     import torch
 
     from fol_ros import mutual_nn
+    _assert_same(fp32, mutual_nn.match(q, cands, 0.7, 512.0, torch.device('cpu'), compiled=False))
     _assert_same(fp32, mutual_nn.match_dense(q, cands, 0.7, 512.0, torch.device('cpu')))   # the GPU path
 
 
@@ -221,11 +254,11 @@ def _fp32_and_bf16(q, cands, thr=0.7, compiled=None):
     from fol_ros import mutual_nn, mutual_nn_bf16
     dev = torch.device('cpu')
     with torch.inference_mode():
-        return (mutual_nn.match(q, cands, thr, 512.0, dev),
+        return (mutual_nn.match(q, cands, thr, 512.0, dev, compiled=compiled),
                 mutual_nn_bf16.match(q, cands, thr, 512.0, dev, compiled=compiled))
 
 
-# the screen's rows and columns are decided by numba loops (mutual_nn_jit) or, without numba, in numpy: both run
+# rows and columns are decided by numba loops (mutual_nn_jit) or, without numba, in numpy: both run
 BOTH_SCREENS = pytest.mark.parametrize('compiled', [True, False], ids=['numba', 'numpy'])
 
 
@@ -310,7 +343,7 @@ def test_bf16_screen_on_one_hot_tokens_and_fallbacks(compiled):
                                                                                        kernel='fp32').tolist()
 
 
-def test_bf16_screen_without_numba_warns_and_decides_in_numpy():
+def test_without_numba_reranking_warns_and_decides_in_numpy():
     """A robot without numba (or without a writable numba cache) still re-ranks, with the same pairs."""
     import pathlib
     import subprocess
@@ -321,12 +354,14 @@ sys.modules['numba'] = None          # as if numba were not installed
 import logging
 logging.basicConfig()
 import numpy as np
-from fol_ros import mutual_nn_bf16 as m
-assert m.mutual_nn_jit is None
+import torch
+from fol_ros import mutual_nn, mutual_nn_bf16 as m
+assert mutual_nn.JIT is None
 rng = np.random.default_rng(0)
 q = rng.normal(size=(70, 16)).astype(np.float32)
 q /= np.linalg.norm(q, axis=1, keepdims=True)
-print(m.match(q, [q[:50], q[20:]], 0.7, 512.0).counts.tolist())
+print(m.match(q, [q[:50], q[20:]], 0.7, 512.0).counts.tolist(),
+      mutual_nn.match(q, [q[:50], q[20:]], 0.7, 512.0, torch.device('cpu')).counts.tolist())
 try:
     m.match(q, [q], 0.7, 512.0, compiled=True)
 except ImportError as exc:
@@ -335,9 +370,9 @@ except ImportError as exc:
     repo = pathlib.Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120, cwd=repo)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.splitlines()[0] == '[50, 50]'
-    assert 'refused: the compiled bf16 screen needs numba' in out.stdout
-    assert 'bf16 re-ranking screen without numba' in out.stderr and 'python3-numba' in out.stderr
+    assert out.stdout.splitlines()[0] == '[50, 50] [50, 50]'
+    assert 'refused: the compiled re-ranking loops need numba' in out.stdout
+    assert 're-ranking without numba' in out.stderr and 'python3-numba' in out.stderr
 
 
 def test_bf16_kernel_choice():
