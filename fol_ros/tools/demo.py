@@ -104,8 +104,14 @@ class Watcher:
         qos = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
         self.frames: list = []
         self.closures: list = []
-        self.node.create_subscription(PlaceRecognition, '/place_recognition', self.frames.append, qos)
-        self.node.create_subscription(LoopClosure, '/loop_closure', self._on_closure, qos)
+        self.subscriptions = [
+            self.node.create_subscription(PlaceRecognition, '/place_recognition', self.frames.append, qos),
+            self.node.create_subscription(LoopClosure, '/loop_closure', self._on_closure, qos)]
+
+    def matched(self) -> bool:
+        """Whether both subscriptions are matched with the node's publishers: a result published before that is
+        lost to the demo (volatile durability), which then counts the frame as unanswered."""
+        return all(sub.get_publisher_count() > 0 for sub in self.subscriptions)
 
     def _on_closure(self, msg) -> None:
         self.closures.append(msg)
@@ -194,6 +200,10 @@ def run(out: pathlib.Path, quick: bool, rate: float, weights: str = 'vits14') ->
                        '-p', 'use_sim_time:=true'], env, out / 'recorder.log')
     watcher = Watcher()
     try:
+        # the player waits for the node's image subscription, not for this process to hear the node's results
+        if not watcher.spin_until(watcher.matched, timeout_s=180):
+            _say(f'FAILED: the node did not publish its results within 180 s; node log: {out / "node.log"}')
+            return 1
         _say('node started (log: %s); replaying traversal 2 at %.2fx the bag rate' % (out / 'node.log', rate))
         player = subprocess.Popen([sys.executable, '-m', 'fol_ros.tools.player', str(bag2), '--clock',
                                    '--rate', str(rate), '--wait-for-subscribers', IMAGE_TOPIC, '--wait-timeout', '180'],
