@@ -27,6 +27,10 @@ def reference_pairs(q, c, thr=0.7):
     return pairs
 
 
+# both kernels decide rows and columns in numba loops (mutual_nn_jit) or, without numba, in numpy: both run
+BOTH_LOOPS = pytest.mark.parametrize('compiled', [True, False], ids=['numba', 'numpy'])
+
+
 def _related(rng, q, n, frac, noise):
     """A candidate sharing a fraction of the query's tokens (plus noise) and random others."""
     k = min(n, int(len(q) * frac))
@@ -123,7 +127,7 @@ def _tie_and_padding_cases():
     yield pos, [-_unit(np.abs(rng.normal(size=(n, 8)))).astype(np.float32) for n in (1, 63, 65, 130)], -2.0
 
 
-@pytest.mark.parametrize('compiled', [True, False], ids=['numba', 'numpy'])
+@BOTH_LOOPS
 def test_fp32_kernel_equals_reference_with_and_without_numba(compiled):
     """The fp32 tiles keep each column's first best row while folding (numba) or recompute those columns (numpy):
     the reference pairs either way, across tile boundaries (64-row tiles at the small budget)."""
@@ -236,13 +240,14 @@ def test_counts_equal_the_official_formulation_on_real_corridor_tokens(corridor_
     for kernel in ('fp32', 'bf16'):
         assert mutual_nn_counts(q, cands, kernel=kernel).tolist() == official, kernel
     assert mutual_nn_counts(q, cands, budget_mb=1.0, kernel='fp32').tolist() == official    # 64-row tiles
-    for compiled in (True, False):
-        fp32, bf16 = _fp32_and_bf16(q, cands, compiled=compiled)
+    found = {compiled: _fp32_and_bf16(q, cands, compiled=compiled) for compiled in (True, False)}
+    for fp32, bf16 in found.values():
         _assert_same(fp32, bf16)
+    fp32 = found[True][0]
+    _assert_same(fp32, found[False][0])                                   # numba and numpy fp32 kernels
     import torch
 
     from fol_ros import mutual_nn
-    _assert_same(fp32, mutual_nn.match(q, cands, 0.7, 512.0, torch.device('cpu'), compiled=False))
     _assert_same(fp32, mutual_nn.match_dense(q, cands, 0.7, 512.0, torch.device('cpu')))   # the GPU path
 
 
@@ -257,9 +262,6 @@ def _fp32_and_bf16(q, cands, thr=0.7, compiled=None):
         return (mutual_nn.match(q, cands, thr, 512.0, dev, compiled=compiled),
                 mutual_nn_bf16.match(q, cands, thr, 512.0, dev, compiled=compiled))
 
-
-# rows and columns are decided by numba loops (mutual_nn_jit) or, without numba, in numpy: both run
-BOTH_SCREENS = pytest.mark.parametrize('compiled', [True, False], ids=['numba', 'numpy'])
 
 
 def _assert_same(a, b):
@@ -287,7 +289,7 @@ def decisions(monkeypatch):
     return seen
 
 
-@BOTH_SCREENS
+@BOTH_LOOPS
 @pytest.mark.parametrize('seed', [0, 1, 2])
 def test_bf16_screen_equals_fp32_on_ragged_random_inputs(seed, compiled):
     rng = np.random.default_rng(seed)
@@ -300,7 +302,7 @@ def test_bf16_screen_equals_fp32_on_ragged_random_inputs(seed, compiled):
     assert bf16.counts.tolist() == [len(reference_pairs(q, c)) for c in cands]
 
 
-@BOTH_SCREENS
+@BOTH_LOOPS
 def test_bf16_screen_is_exact_on_adversarial_near_ties(decisions, compiled):
     """Candidates whose similarities differ from each other by 1e-3 .. 1e-8 (far inside bf16's error), exact
     duplicates, and pairs whose cosine sits within float rounding of the threshold: the result must be the fp32
@@ -326,7 +328,7 @@ def test_bf16_screen_is_exact_on_adversarial_near_ties(decisions, compiled):
     assert decisions['rows'] > 50 and decisions['cols'] > 10     # the fp32 fallbacks ran
 
 
-@BOTH_SCREENS
+@BOTH_LOOPS
 def test_bf16_screen_on_one_hot_tokens_and_fallbacks(compiled):
     """Exact ties everywhere (one-hot: every similarity 0 or 1 in every precision); quirk A and thresholds <= 0.1
     take the fp32 path, with the same public results."""

@@ -29,12 +29,6 @@ from fol_ros.errors import MapError
 
 KINDS = ('fp16', 'fp32', 'int8', 'pq')
 FLOAT_KINDS = ('fp16', 'fp32')    # stored as they are used: no decoding
-
-
-def working_dtype(kind: str) -> str:
-    """dtype of tokens held in memory and in the append log until a save codes them: fp32 for an fp32 map (its
-    tokens are never rounded), fp16 for every other encoding."""
-    return 'float32' if kind == 'fp32' else 'float16'
 PQ_BITS = 8
 PQ_CENTROIDS = 1 << PQ_BITS
 DEFAULT_PQ_M = 32            # 4 dims per sub-quantiser at d = 128: 32 bytes per token
@@ -44,6 +38,12 @@ SCALE_FILE = 'local_scale.npy'
 CODEBOOK_FILE = 'local_codebook.npy'
 ROTATION_FILE = 'local_rotation.npy'
 LOCAL_DTYPE = {'fp16': 'float16', 'fp32': 'float32', 'int8': 'int8', 'pq': 'uint8'}
+
+
+def working_dtype(kind: str) -> str:
+    """dtype of tokens held in memory and in the append log until a save codes them: fp32 for an fp32 map (its
+    tokens are never rounded), fp16 for every other encoding."""
+    return 'float32' if kind == 'fp32' else 'float16'
 
 
 @dataclass(frozen=True)

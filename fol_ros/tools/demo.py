@@ -150,9 +150,10 @@ def _stop(proc: subprocess.Popen, timeout_s: float = 30) -> None:
 
 
 # Replay speed per model on a CPU: the bag has a frame every 2 s; ViT-B/14 takes ~3x ViT-S/14's time per frame
-# (docs/model.md), ViT-L/14 ~20x, so they get a slower replay to answer every frame. ViT-S/14 replays at 0.5x: on
-# a 2-core VM whose frame times spiked to 4 s (p50 0.7-1.1 s, the same with this session's start revision) the
-# node's newest-frame slot dropped 1-3 of 101 frames at 1.0x.
+# (docs/model.md), ViT-L/14 ~20x, so they get a slower replay to answer every frame. ViT-S/14 replays at 0.5x: at
+# 1.0x 1-3 of 101 frames went unanswered on a 2-core VM, blamed then on frame-time spikes; possibly it was (also)
+# the watcher missing results published before its subscriptions matched, since fixed (`Watcher.matched`). 1.0x
+# has not been measured again.
 WEIGHTS_RATE = {'vits14': 0.5, 'base': 0.4, 'large': 0.2}
 
 
